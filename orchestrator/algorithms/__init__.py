@@ -1,0 +1,1 @@
+"""Search algorithms: pure, seeded, checkpointable. No Ray, Redis or gRPC in here."""

@@ -1,0 +1,243 @@
+"""The sampling baselines: greedy, best-of-N, weighted best-of-N and self-consistency.
+
+All four draw independent complete samples with one loop, a step at a time so the orchestrator
+batches them with other searches:
+
+    every sample draws its first step from the prompt                          (one grow)
+    while any sample is unfinished: every unfinished sample draws its next step (one grow)
+    scored baselines: the PRM scores every sample once, aggregated              (one score)
+    answer: greedy -> its only sample; best-of-N -> argmax score; weighted best-of-N -> the
+            answer with the largest summed score; self-consistency -> the most frequent answer
+
+When the token budget cannot pay for another step, the unfinished samples end there (stop
+"budget") and are still scored, so the answer is the best of what was generated. When the PRM
+budget cannot pay for every sample, the first ones (by index) that it can pay for are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from pydantic import Field, field_validator
+
+from lodestar.orchestrator.algorithms.answers import final_answer, majority_vote
+from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, SearchParams
+from lodestar.orchestrator.algorithms.expansion import candidate, grow, score
+from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.state import (
+    Budget,
+    BudgetExhausted,
+    Candidate,
+    SearchCommon,
+    SearchResult,
+    Trajectory,
+)
+from lodestar.workers.messages import Prompt, SamplingParams
+
+
+class GreedyParams(SearchParams):
+    """One sample at temperature 0: `temperature` is pinned (any other value is an error)."""
+
+    temperature: float = 0.0
+
+    @field_validator("temperature")
+    @classmethod
+    def _pinned(cls, value: float) -> float:
+        if value != 0.0:
+            raise ValueError("greedy decodes at temperature 0")
+        return value
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            temperature=0.0,
+            top_p=self.top_p,
+            max_step_tokens=self.max_step_tokens,
+            step_delimiter=self.step_delimiter,
+        )
+
+
+class BestOfNParams(ScoredParams):
+    n: int = Field(8, ge=1, le=4096)
+    """Independent complete samples (the budget)."""
+
+
+class WeightedBestOfNParams(BestOfNParams):
+    pass
+
+
+class SelfConsistencyParams(SearchParams):
+    n: int = Field(8, ge=1, le=4096)
+    """Independent complete samples (the budget)."""
+
+
+@dataclass(slots=True)
+class GreedyState:
+    common: SearchCommon
+    params: GreedyParams
+    samples: list[Trajectory] = field(default_factory=list)
+    """The samples in draw order (index = sample index, the tie-break order)."""
+    started: bool = False
+
+
+@dataclass(slots=True)
+class BestOfNState(GreedyState):
+    params: BestOfNParams
+
+
+@dataclass(slots=True)
+class WeightedBestOfNState(GreedyState):
+    params: WeightedBestOfNParams
+
+
+@dataclass(slots=True)
+class SelfConsistencyState(GreedyState):
+    params: SelfConsistencyParams
+
+
+class _IndependentSamples(SearchAlgorithm[Any, Any]):
+    """The shared sampling loop; subclasses say how many samples, whether to score, and choose."""
+
+    scored: ClassVar[bool] = False
+
+    def init(
+        self, problem: Prompt, params: Any, seed: int, budget: Budget | None = None
+    ) -> GreedyState:
+        return self.State(common=self.new_common(problem, seed, budget), params=params)
+
+    def _count(self, params: Any) -> int:
+        return int(params.n)
+
+    async def _step(self, state: GreedyState, policy: Policy, reward: Reward) -> None:
+        common, params = state.common, state.params
+        parents = (
+            [common.root()] * self._count(params)
+            if not state.started
+            else [t for t in state.samples if not t.finished]
+        )
+        cut = False
+        try:
+            children = await grow(common, policy, parents, params.sampling(), params.max_steps)
+        except BudgetExhausted:  # nothing was spent; what is unfinished ends here
+            cut = True
+            for t in state.samples:
+                if not t.finished:
+                    t.finished, t.stop = True, "budget"
+        else:
+            if not state.started:
+                state.samples = children
+            else:
+                grown = iter(children)
+                state.samples = [t if t.finished else next(grown) for t in state.samples]
+        state.started = True
+        if all(t.finished for t in state.samples):
+            cut = cut or any(t.stop == "budget" for t in state.samples)
+            if self.scored:
+                cut = not await self._score(state, reward) or cut
+            common.finish("budget" if cut else "finished")
+
+    async def _score(self, state: GreedyState, reward: Reward) -> bool:
+        """One PRM call for every sample the budget pays for; False if some stayed unscored."""
+        common, samples = state.common, state.samples
+        cap = common.budget.max_prm_passes
+        affordable = len(samples) if cap is None else max(0, cap - common.spend.prm_passes)
+        await score(common, reward, samples[:affordable], state.params.aggregation)
+        return affordable >= len(samples)
+
+    def _weights(self, samples: Sequence[Trajectory]) -> list[float]:
+        return [1.0 / len(samples)] * len(samples)
+
+    def _choose(self, samples: Sequence[Trajectory], candidates: Sequence[Candidate]) -> int:
+        """Highest score, ties to the lowest index (an unscored sample ranks last)."""
+        return max(range(len(candidates)), key=lambda i: (_score(candidates[i]), -i))
+
+    def result(self, state: GreedyState) -> SearchResult:
+        samples = state.samples
+        weights = self._weights(samples) if samples else []
+        candidates = tuple(candidate(t, w) for t, w in zip(samples, weights, strict=True))
+        chosen = self._choose(samples, candidates) if candidates else None
+        best = None if chosen is None else candidates[chosen]
+        return SearchResult(
+            algorithm=self.name,
+            answer="" if best is None else best.text,
+            final_answer=None if best is None else best.final_answer,
+            candidates=candidates,
+            chosen=chosen,
+            spend=state.common.spend,
+            stop_reason=state.common.stop_reason,
+        )
+
+
+def _score(c: Candidate) -> float:
+    return float("-inf") if c.score is None else c.score
+
+
+class Greedy(_IndependentSamples):
+    """One sample at temperature 0, no reward: the baseline every search must beat."""
+
+    name = "greedy"
+    Params = GreedyParams
+    State = GreedyState
+
+    def _count(self, params: Any) -> int:
+        return 1
+
+
+class BestOfN(_IndependentSamples):
+    """N complete samples, each scored once by the PRM (aggregated); the argmax wins."""
+
+    name = "best_of_n"
+    Params = BestOfNParams
+    State = BestOfNState
+    scored = True
+
+
+class WeightedBestOfN(_IndependentSamples):
+    """N scored samples vote for their final answer with their score; the largest sum wins.
+
+    The chosen candidate is the highest-scoring member of the winning answer (ties: lowest
+    index); samples without a final answer do not vote. Weight = the sample's share of the total
+    score, so an answer's summed weight is its share of the vote.
+    """
+
+    name = "weighted_best_of_n"
+    Params = WeightedBestOfNParams
+    State = WeightedBestOfNState
+    scored = True
+
+    def _weights(self, samples: Sequence[Trajectory]) -> list[float]:
+        scores = [t.score or 0.0 for t in samples]
+        total = sum(scores)
+        return [s / total if total > 0 else 0.0 for s in scores]
+
+    def _choose(self, samples: Sequence[Trajectory], candidates: Sequence[Candidate]) -> int:
+        answers = [c.final_answer for c in candidates]
+        winner = majority_vote(answers, [t.score or 0.0 for t in samples])  # raw sums: exact ties
+        if winner is None:
+            return super()._choose(samples, candidates)
+        group = [i for i, a in enumerate(answers) if a == answers[winner]]
+        return max(group, key=lambda i: (_score(candidates[i]), -i))
+
+
+class SelfConsistency(_IndependentSamples):
+    """N samples, no reward: the most frequent canonical final answer, ties to the first seen.
+
+    The chosen candidate is the first sample with that answer. Weight = 1 / (samples with an
+    answer) for each of them, 0 for the rest, so an answer's summed weight is its vote share.
+    """
+
+    name = "self_consistency"
+    Params = SelfConsistencyParams
+    State = SelfConsistencyState
+
+    def _weights(self, samples: Sequence[Trajectory]) -> list[float]:
+        answers = [final_answer(t.text) for t in samples]
+        voters = sum(a is not None for a in answers)
+        if voters == 0:
+            return super()._weights(samples)
+        return [0.0 if a is None else 1.0 / voters for a in answers]
+
+    def _choose(self, samples: Sequence[Trajectory], candidates: Sequence[Candidate]) -> int:
+        winner = majority_vote([c.final_answer for c in candidates])
+        return 0 if winner is None else winner

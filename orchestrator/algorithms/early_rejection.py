@@ -1,0 +1,127 @@
+"""Early rejection around any step-level search (beam, dvts, pf, epf, astar).
+
+Every candidate step is first generated for `tau` tokens and scored on that partial step; within
+each group of siblings only the best `keep` share is generated to the end and rescored, the rest
+come back with stop "rejected" and are never chosen. The mechanism lives in `expansion.expand`
+(it reads `common.early_rejection`); this wrapper only switches it on for an inner search and
+otherwise delegates to it, so the inner algorithm runs unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from lodestar.orchestrator.algorithms.base import SearchAlgorithm, SearchParams
+from lodestar.orchestrator.algorithms.codec import FORMAT_VERSION
+from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.state import (
+    Budget,
+    EarlyRejection,
+    SearchCommon,
+    SearchResult,
+)
+from lodestar.workers.messages import Prompt
+
+Inner = Literal["beam", "dvts", "pf", "epf", "astar"]
+
+
+def inner_algorithm(name: str) -> SearchAlgorithm[Any, Any]:
+    """The registered inner algorithm (imported late: the registry imports this module)."""
+    from lodestar.orchestrator.algorithms.registry import ALGORITHMS
+
+    return ALGORITHMS[name]
+
+
+class EarlyRejectionParams(SearchParams):
+    """The inner search's parameters go in `inner_params` (sampling and max_steps included)."""
+
+    inner: Inner = "beam"
+    inner_params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
+    """Parameters of the inner algorithm, validated by its own Params (errors name
+    `inner_params.<field>`); stored with every default filled in."""
+    tau: int = Field(64, ge=1, le=32768)
+    """Tokens of a candidate step generated before it is scored and maybe rejected."""
+    keep: float = Field(0.5, gt=0.0, le=1.0)
+    """Share of the partial candidates in each group that are finished (at least one)."""
+
+    @field_validator("inner_params")
+    @classmethod
+    def _inner_params_valid(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "inner" not in info.data:  # `inner` itself is invalid; that error is reported
+            return value
+        # A ValidationError raised here keeps its locations, nested under `inner_params`.
+        typed = inner_algorithm(info.data["inner"]).Params.model_validate(value)
+        return typed.model_dump(mode="json")
+
+    @field_validator("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter")
+    @classmethod
+    def _set_inside(cls, value: Any, info: ValidationInfo) -> Any:
+        """The shared sampling fields belong to the inner search; only their defaults pass here."""
+        if info.field_name and value != cls.model_fields[info.field_name].default:
+            raise ValueError("set it in inner_params: the inner search does the sampling")
+        return value
+
+
+@dataclass(slots=True)
+class EarlyRejectionState:
+    params: EarlyRejectionParams
+    inner: Any
+    """The inner algorithm's own state; its `common` carries the EarlyRejection setting."""
+
+    @property
+    def common(self) -> SearchCommon:
+        return self.inner.common
+
+
+class EarlyRejectionSearch(SearchAlgorithm[EarlyRejectionParams, EarlyRejectionState]):
+    """Runs `params.inner` with early rejection on; results say "early_rejection(<inner>)"."""
+
+    name = "early_rejection"
+    Params = EarlyRejectionParams
+    State = EarlyRejectionState
+
+    def init(
+        self, problem: Prompt, params: EarlyRejectionParams, seed: int, budget: Budget | None = None
+    ) -> EarlyRejectionState:
+        inner = inner_algorithm(params.inner)
+        inner_state = inner.init(
+            problem, inner.Params.model_validate(params.inner_params), seed, budget
+        )
+        inner_state.common.early_rejection = EarlyRejection(tau=params.tau, keep=params.keep)
+        return EarlyRejectionState(params=params, inner=inner_state)
+
+    async def advance(
+        self, state: EarlyRejectionState, policy: Policy, reward: Reward
+    ) -> EarlyRejectionState:
+        await inner_algorithm(state.params.inner).advance(state.inner, policy, reward)
+        return state
+
+    async def _step(self, state: EarlyRejectionState, policy: Policy, reward: Reward) -> None:
+        await inner_algorithm(state.params.inner)._step(state.inner, policy, reward)
+
+    def is_done(self, state: EarlyRejectionState) -> bool:
+        return inner_algorithm(state.params.inner).is_done(state.inner)
+
+    def result(self, state: EarlyRejectionState) -> SearchResult:
+        inner = inner_algorithm(state.params.inner).result(state.inner)
+        return replace(inner, algorithm=f"{self.name}({state.params.inner})")
+
+    def dumps(self, state: EarlyRejectionState) -> bytes:
+        """Our parameters, and the inner algorithm's own checkpoint nested as a JSON object."""
+        inner = json.loads(inner_algorithm(state.params.inner).dumps(state.inner))
+        body = {"params": state.params.model_dump(mode="json"), "inner": inner}
+        doc = {"format": FORMAT_VERSION, "algorithm": self.name, "state": body}
+        return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
+
+    def loads(self, data: bytes) -> EarlyRejectionState:
+        doc = json.loads(data)
+        if doc.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported checkpoint format {doc.get('format')!r}")
+        params = self.Params.model_validate(doc["state"]["params"])
+        inner_doc = json.dumps(doc["state"]["inner"], separators=(",", ":"), allow_nan=True)
+        inner = inner_algorithm(params.inner).loads(inner_doc.encode())
+        return EarlyRejectionState(params=params, inner=inner)

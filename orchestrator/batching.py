@@ -1,0 +1,138 @@
+"""Merge the model calls of many concurrent searches into large worker batches.
+
+Each live search awaits `extend`/`score` with its own few requests; a `RequestBatcher` collects
+what arrives within a short window (or until the batch is full), makes one worker call, and hands
+each search its own outputs. `SearchScope` gives each search a private id namespace so sequence
+ids (the workers' cache keys) never collide across searches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+
+Req = TypeVar("Req")
+Out = TypeVar("Out")
+
+
+class RequestBatcher(Generic[Req, Out]):
+    """One worker call per window for all pending requests, at most `max_batch` at a time.
+
+    A caller's requests stay together in one call unless they alone exceed `max_batch`.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[Req]], Awaitable[list[Out]]],
+        max_batch: int = 256,
+        max_wait_s: float = 0.002,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self._call = call
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._pending: deque[tuple[list[Req], asyncio.Future[list[Out]]]] = deque()
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.batch_sizes: list[int] = []
+
+    async def submit(self, requests: Sequence[Req]) -> list[Out]:
+        if not requests:
+            return []
+        if len(requests) > self.max_batch:
+            chunks = [
+                requests[i : i + self.max_batch] for i in range(0, len(requests), self.max_batch)
+            ]
+            parts = await asyncio.gather(*(self.submit(c) for c in chunks))
+            return [o for part in parts for o in part]
+        future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(requests), future))
+        self._ensure_running()
+        assert self._wake is not None
+        self._wake.set()
+        return await future
+
+    def _ensure_running(self) -> None:
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.max_wait_s > 0 and self._queued() < self.max_batch:
+                await asyncio.sleep(self.max_wait_s)
+            while self._pending:
+                batch = self._take()
+                await self._dispatch(batch)
+
+    def _queued(self) -> int:
+        return sum(len(r) for r, _ in self._pending)
+
+    def _take(self) -> list[tuple[list[Req], asyncio.Future[list[Out]]]]:
+        batch, size = [], 0
+        while self._pending and size + len(self._pending[0][0]) <= self.max_batch:
+            item = self._pending.popleft()
+            batch.append(item)
+            size += len(item[0])
+        return batch
+
+    async def _dispatch(self, batch: list[tuple[list[Req], asyncio.Future[list[Out]]]]) -> None:
+        flat = [r for reqs, _ in batch for r in reqs]
+        self.batch_sizes.append(len(flat))
+        try:
+            outs = await self._call(flat)
+            if len(outs) != len(flat):
+                raise RuntimeError(f"worker returned {len(outs)} outputs for {len(flat)} requests")
+        except Exception as e:  # every waiting search sees the worker's failure
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        start = 0
+        for reqs, fut in batch:
+            if not fut.done():
+                fut.set_result(outs[start : start + len(reqs)])
+            start += len(reqs)
+
+
+class SearchScope:
+    """A policy and a reward for one search: ids prefixed with the search id on the way out and
+    stripped on the way back, so concurrent searches share workers without sharing cache keys."""
+
+    def __init__(
+        self,
+        search_id: str,
+        extend: Callable[[Sequence[ExtendRequest]], Awaitable[list[StepOutput]]],
+        score: Callable[[Sequence[ScoreRequest]], Awaitable[list[StepScores]]],
+    ) -> None:
+        self.prefix = f"{search_id}/"
+        self._extend = extend
+        self._score = score
+
+    def _scoped(self, request: Any) -> Any:
+        parent = request.parent_id
+        return dataclasses.replace(
+            request,
+            seq_id=self.prefix + request.seq_id,
+            parent_id=None if parent is None else self.prefix + parent,
+        )
+
+    def _local(self, output: Any) -> Any:
+        return dataclasses.replace(output, seq_id=output.seq_id.removeprefix(self.prefix))
+
+    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+        outs = await self._extend([self._scoped(r) for r in requests])
+        return [self._local(o) for o in outs]
+
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        outs = await self._score([self._scoped(r) for r in requests])
+        return [self._local(o) for o in outs]

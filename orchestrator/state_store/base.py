@@ -1,0 +1,331 @@
+"""The search-state store: what the distributed runtime keeps outside any one process.
+
+One search (keyed by its search id) owns a job record, a checkpoint, a progress-event log and a
+cancellation flag. Every backend implements `StateStore` with the same semantics, so the memory
+backend (one process) and the Redis backend (many orchestrators) pass the same tests.
+
+Contracts shared by both backends:
+
+- Checkpoints are compare-and-set on a generation counter. A search without a checkpoint is at
+  generation 0; `save_checkpoint(g)` succeeds only when `g == stored + 1`, otherwise it raises
+  `StaleWriter`. Raising (not returning False) means a stale orchestrator cannot ignore the loss.
+- Job status moves queued -> running -> succeeded | failed | cancelled (queued may also go
+  straight to failed or cancelled). A finished job is immutable, and after it finishes every key
+  of the search expires after `finished_ttl_s`.
+- A job is *claimable* when it is unfinished and its lease is absent or expired; claims are
+  atomic, so two orchestrators never both win the same job.
+- Progress events get offsets 1, 2, 3, ... per search; a terminal event closes the log.
+- Any failure to reach the backing service raises `StateStoreUnavailable` within bounded time.
+
+Batch records (SubmitBatch/GetBatch) will be a second record kind beside jobs: a `BatchRecord`
+dataclass, its own abstract methods in a `BatchStore` ABC that the backends also implement, and
+keys under `lodestar:batch:{<batch_id>}:...` (see `redis_keys`).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import TracebackType
+from typing import Any, NamedTuple, Self
+
+JSON = Any
+"""A JSON-serialisable value (dict, list, str, number, bool or None)."""
+
+
+class StateStoreError(Exception):
+    """Base of every error the store raises on purpose."""
+
+
+class StateStoreUnavailable(StateStoreError):
+    """The backing service cannot be reached (outage, timeout, pool exhausted).
+
+    A write that raised it may or may not have landed (the reply, not the request, may be what
+    was lost): re-read to find out, e.g. the generation `load_checkpoint` returns."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"state store unavailable: {detail}")
+
+
+class StaleWriter(StateStoreError):
+    """A checkpoint write lost the compare-and-set: someone else owns this search's progress."""
+
+    def __init__(self, search_id: str, generation: int, stored: int, reason: str = "") -> None:
+        why = reason or f"expected generation {stored + 1}"
+        super().__init__(
+            f"stale checkpoint for search {search_id!r}: generation {generation} rejected, "
+            f"stored generation is {stored} ({why})"
+        )
+        self.search_id = search_id
+        self.generation = generation
+        self.stored = stored
+
+
+class JobNotFound(StateStoreError, KeyError):
+    def __init__(self, search_id: str) -> None:
+        super().__init__(f"no job for search {search_id!r}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class JobExists(StateStoreError):
+    def __init__(self, search_id: str) -> None:
+        super().__init__(f"a job for search {search_id!r} already exists")
+
+
+class InvalidTransition(StateStoreError):
+    """A status change the lifecycle forbids, or any change to a finished job."""
+
+
+class LeaseLost(StateStoreError):
+    """The caller no longer owns the job (claimed by another orchestrator, or finished)."""
+
+
+class StreamClosed(StateStoreError):
+    """An event was appended after the search's terminal event."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+ALLOWED_FROM: Mapping[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.QUEUED}),
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.RUNNING}),
+    JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.RUNNING}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RUNNING}),
+}
+"""For each target status, the statuses a job may be in before it (same status = field update)."""
+
+
+def check_transition(search_id: str, current: JobStatus, target: JobStatus) -> None:
+    if current.finished:
+        raise InvalidTransition(f"job {search_id!r} is finished ({current}) and immutable")
+    if current not in ALLOWED_FROM[target]:
+        raise InvalidTransition(f"job {search_id!r}: {current} -> {target} is not allowed")
+
+
+_SEARCH_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def check_search_id(search_id: str) -> str:
+    """Ids become Redis hash tags, so braces (and anything exotic) are refused at the edge."""
+    if not isinstance(search_id, str) or not _SEARCH_ID.fullmatch(search_id):
+        raise ValueError(f"search id must match {_SEARCH_ID.pattern}, got {search_id!r}")
+    return search_id
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """What a search was asked to do; fixed when the job is created."""
+
+    search_id: str
+    algorithm: str
+    params: dict[str, JSON]
+    problem: JSON
+    seed: int
+    budget: dict[str, JSON] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job as stored: its spec plus its lifecycle. Times are store-clock epoch seconds."""
+
+    spec: JobSpec
+    status: JobStatus
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    owner: str | None = None
+    """Id of the orchestrator that runs (or last ran) the search."""
+    lease_expires_at: float | None = None
+    spend: dict[str, float] = field(default_factory=dict)
+    result: str | None = None
+    """JSON text of the search result, opaque to the store."""
+    error: str | None = None
+
+    @property
+    def search_id(self) -> str:
+        return self.spec.search_id
+
+
+class Checkpoint(NamedTuple):
+    generation: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    offset: int
+    """1-based position in the search's event log; read_events(after=offset) continues after it."""
+    data: bytes
+    terminal: bool = False
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Settings every backend shares. Validated here, trusted below."""
+
+    finished_ttl_s: float = 24 * 3600.0
+    """How long a finished search's keys live before they expire."""
+    events_maxlen: int = 10_000
+    """Events kept per search; older ones are trimmed (a reader sees a gap in offsets)."""
+
+    def __post_init__(self) -> None:
+        if self.finished_ttl_s <= 0:
+            raise ValueError("finished_ttl_s must be > 0")
+        if self.events_maxlen < 1:
+            raise ValueError("events_maxlen must be >= 1")
+
+
+class StateStore(ABC):
+    """Async store of jobs, checkpoints, progress events and cancellation flags, per search."""
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return when the store answers; raise `StateStoreUnavailable` otherwise."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    @abstractmethod
+    async def save_checkpoint(self, search_id: str, generation: int, data: bytes) -> None:
+        """Store `data` as `generation` iff it is the stored generation + 1 and the job (if any)
+        is unfinished; raise `StaleWriter` otherwise."""
+
+    @abstractmethod
+    async def load_checkpoint(self, search_id: str) -> Checkpoint | None: ...
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_job(self, spec: JobSpec) -> JobRecord:
+        """Create a queued, unowned job; raise `JobExists` if the search id is taken."""
+
+    @abstractmethod
+    async def get_job(self, search_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    async def update_job(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """Change status and/or fields; None leaves a field as it is.
+
+        Raises `JobNotFound`, or `InvalidTransition` for a forbidden status change or any change
+        to a finished job. Finishing releases the lease and starts the TTL of the search's keys.
+        """
+
+    @abstractmethod
+    async def list_unfinished(self) -> list[JobRecord]:
+        """Queued and running jobs, oldest first."""
+
+    @abstractmethod
+    async def claim_job(self, search_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        """Take (or renew) ownership if the job is claimable or already `owner`'s.
+
+        A queued job becomes running. Returns None when another owner holds an unexpired lease
+        or the job is finished; raises `JobNotFound` when there is no job.
+        """
+
+    @abstractmethod
+    async def claim_orphans(self, owner: str, lease_s: float, limit: int = 16) -> list[JobRecord]:
+        """Claim up to `limit` claimable jobs: never-claimed ones and those whose owner stopped
+        renewing. Jobs `owner` itself let expire come back too; callers dedupe by search id."""
+
+    @abstractmethod
+    async def renew_lease(self, search_id: str, owner: str, lease_s: float) -> float:
+        """Extend `owner`'s lease to now + lease_s and return the new expiry.
+
+        Raises `LeaseLost` when another owner has claimed the job or it has finished."""
+
+    # -- progress events ------------------------------------------------------------------------
+
+    @abstractmethod
+    async def append_event(self, search_id: str, data: bytes, *, terminal: bool = False) -> int:
+        """Append one event and return its offset; raise `StreamClosed` after a terminal one."""
+
+    @abstractmethod
+    async def read_events(
+        self, search_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[ProgressEvent]:
+        """Events with offset > `after`, oldest first, at most `limit`.
+
+        With `wait_s > 0` and nothing to return yet, wait up to `wait_s` for the next event;
+        an empty list means the wait timed out.
+        """
+
+    async def follow(
+        self, search_id: str, after: int = 0, *, wait_s: float = 5.0
+    ) -> AsyncIterator[ProgressEvent]:
+        """Every event after `after` as it arrives, ending with the terminal event."""
+        while True:
+            for event in await self.read_events(search_id, after, wait_s=wait_s):
+                yield event
+                if event.terminal:
+                    return
+                after = event.offset
+
+    # -- cancellation ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def request_cancel(self, search_id: str) -> None:
+        """Flag the search for cancellation; its orchestrator polls `is_cancelled` each step."""
+
+    @abstractmethod
+    async def is_cancelled(self, search_id: str) -> bool: ...
+
+
+def validate_write(search_id: str, generation: int, data: bytes) -> None:
+    check_search_id(search_id)
+    if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+        raise ValueError(f"generation must be an int >= 1, got {generation!r}")
+    if not isinstance(data, bytes):
+        raise TypeError(f"checkpoint data must be bytes, got {type(data).__name__}")
+
+
+def validate_lease(owner: str, lease_s: float) -> None:
+    if not owner:
+        raise ValueError("owner must be a non-empty orchestrator id")
+    if not lease_s > 0:
+        raise ValueError("lease_s must be > 0")
+
+
+def validate_read(after: int, limit: int, wait_s: float) -> None:
+    if after < 0 or limit < 1 or wait_s < 0:
+        raise ValueError("need after >= 0, limit >= 1 and wait_s >= 0")

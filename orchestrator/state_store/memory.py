@@ -1,0 +1,256 @@
+"""In-process backend: the embedded default for a single process, and the reference semantics.
+
+No method awaits between reading and writing state, so each is atomic on the event loop, as the
+Redis backend's Lua scripts are on the server. Nothing here survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from lodestar.orchestrator.state_store.base import (
+    Checkpoint,
+    JobExists,
+    JobNotFound,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    LeaseLost,
+    ProgressEvent,
+    StaleWriter,
+    StateStore,
+    StoreConfig,
+    StreamClosed,
+    check_search_id,
+    check_transition,
+    validate_lease,
+    validate_read,
+    validate_write,
+)
+
+
+@dataclass(slots=True)
+class _EventLog:
+    events: deque[ProgressEvent]
+    last_offset: int = 0
+    closed: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class MemoryStateStore(StateStore):
+    def __init__(
+        self, config: StoreConfig | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.config = config or StoreConfig()
+        self._clock = clock
+        self._jobs: dict[str, JobRecord] = {}
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._logs: dict[str, _EventLog] = {}
+        self._cancelled: set[str] = set()
+        self._expires: dict[str, float] = {}  # search id -> time.monotonic() deadline
+        self._expiry_heap: list[tuple[float, str]] = []
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def save_checkpoint(self, search_id: str, generation: int, data: bytes) -> None:
+        validate_write(search_id, generation, data)
+        self._purge()
+        stored = self._checkpoints.get(search_id)
+        current = stored.generation if stored else 0
+        job = self._jobs.get(search_id)
+        if job is not None and job.status.finished:
+            raise StaleWriter(search_id, generation, current, f"job is {job.status}")
+        if generation != current + 1:
+            raise StaleWriter(search_id, generation, current)
+        self._checkpoints[search_id] = Checkpoint(generation, data)
+
+    async def load_checkpoint(self, search_id: str) -> Checkpoint | None:
+        check_search_id(search_id)
+        self._purge()
+        return self._checkpoints.get(search_id)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def create_job(self, spec: JobSpec) -> JobRecord:
+        check_search_id(spec.search_id)
+        self._purge()
+        if spec.search_id in self._jobs:
+            raise JobExists(spec.search_id)
+        job = JobRecord(spec=spec, status=JobStatus.QUEUED, created_at=self._clock())
+        self._jobs[spec.search_id] = job
+        return job
+
+    async def get_job(self, search_id: str) -> JobRecord | None:
+        check_search_id(search_id)
+        self._purge()
+        return self._jobs.get(search_id)
+
+    async def update_job(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        job = self._existing(search_id)
+        target = JobStatus(status) if status is not None else job.status
+        check_transition(search_id, job.status, target)
+        now = self._clock()
+        changes: dict[str, object] = {"status": target}
+        if spend is not None:
+            changes["spend"] = dict(spend)
+        if result is not None:
+            changes["result"] = result
+        if error is not None:
+            changes["error"] = error
+        if target is JobStatus.RUNNING and job.started_at is None:
+            changes["started_at"] = now
+        if target.finished:
+            changes.update(finished_at=now, lease_expires_at=None)
+            self._expire_later(search_id)
+        job = self._jobs[search_id] = dataclasses.replace(job, **changes)
+        return job
+
+    async def list_unfinished(self) -> list[JobRecord]:
+        self._purge()
+        jobs = [job for job in self._jobs.values() if not job.status.finished]
+        return sorted(jobs, key=lambda job: (job.created_at, job.search_id))
+
+    async def claim_job(self, search_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        validate_lease(owner, lease_s)
+        job = self._existing(search_id)
+        now = self._clock()
+        if job.status.finished or not self._claimable(job, owner, now):
+            return None
+        return self._claim(job, owner, now + lease_s)
+
+    async def claim_orphans(self, owner: str, lease_s: float, limit: int = 16) -> list[JobRecord]:
+        validate_lease(owner, lease_s)
+        self._purge()
+        now = self._clock()
+        orphans = [
+            job
+            for job in self._jobs.values()
+            if not job.status.finished and self._claimable(job, None, now)
+        ]
+        orphans.sort(key=lambda job: (job.lease_expires_at or job.created_at, job.search_id))
+        return [self._claim(job, owner, now + lease_s) for job in orphans[:limit]]
+
+    async def renew_lease(self, search_id: str, owner: str, lease_s: float) -> float:
+        validate_lease(owner, lease_s)
+        job = self._existing(search_id)
+        if job.status.finished or job.owner != owner:
+            holder = f"is {job.status}" if job.status.finished else f"is owned by {job.owner!r}"
+            raise LeaseLost(f"job {search_id!r} {holder}")
+        expires = self._clock() + lease_s
+        self._jobs[search_id] = dataclasses.replace(job, lease_expires_at=expires)
+        return expires
+
+    # -- progress events ------------------------------------------------------------------------
+
+    async def append_event(self, search_id: str, data: bytes, *, terminal: bool = False) -> int:
+        check_search_id(search_id)
+        if not isinstance(data, bytes):
+            raise TypeError(f"event data must be bytes, got {type(data).__name__}")
+        self._purge()
+        log = self._log(search_id)
+        if log.closed:
+            raise StreamClosed(f"search {search_id!r} already published its terminal event")
+        log.last_offset += 1
+        log.events.append(ProgressEvent(log.last_offset, data, terminal))
+        log.closed = terminal
+        async with log.changed:
+            log.changed.notify_all()
+        return log.last_offset
+
+    async def read_events(
+        self, search_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[ProgressEvent]:
+        check_search_id(search_id)
+        validate_read(after, limit, wait_s)
+        self._purge()
+        log = self._logs.get(search_id)
+        if (log is None or log.last_offset <= after) and wait_s > 0:
+            log = self._log(search_id)
+            async with log.changed:
+                try:
+                    await asyncio.wait_for(
+                        log.changed.wait_for(lambda: log.last_offset > after), wait_s
+                    )
+                except TimeoutError:
+                    return []
+        if log is None:
+            return []
+        return [event for event in log.events if event.offset > after][:limit]
+
+    # -- cancellation ---------------------------------------------------------------------------
+
+    async def request_cancel(self, search_id: str) -> None:
+        check_search_id(search_id)
+        self._purge()
+        self._cancelled.add(search_id)
+
+    async def is_cancelled(self, search_id: str) -> bool:
+        check_search_id(search_id)
+        self._purge()
+        return search_id in self._cancelled
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _existing(self, search_id: str) -> JobRecord:
+        check_search_id(search_id)
+        self._purge()
+        job = self._jobs.get(search_id)
+        if job is None:
+            raise JobNotFound(search_id)
+        return job
+
+    @staticmethod
+    def _claimable(job: JobRecord, owner: str | None, now: float) -> bool:
+        expired = job.lease_expires_at is None or job.lease_expires_at <= now
+        return expired or job.owner == owner
+
+    def _claim(self, job: JobRecord, owner: str, expires: float) -> JobRecord:
+        changes: dict[str, object] = {"owner": owner, "lease_expires_at": expires}
+        if job.status is JobStatus.QUEUED:
+            changes.update(status=JobStatus.RUNNING, started_at=job.started_at or self._clock())
+        job = self._jobs[job.search_id] = dataclasses.replace(job, **changes)
+        return job
+
+    def _log(self, search_id: str) -> _EventLog:
+        log = self._logs.get(search_id)
+        if log is None:
+            log = self._logs[search_id] = _EventLog(deque(maxlen=self.config.events_maxlen))
+        return log
+
+    def _expire_later(self, search_id: str) -> None:
+        deadline = time.monotonic() + self.config.finished_ttl_s
+        self._expires[search_id] = deadline
+        heapq.heappush(self._expiry_heap, (deadline, search_id))
+
+    def _purge(self) -> None:
+        """Drop every search whose TTL has run out (what Redis does with expiring keys)."""
+        now = time.monotonic()
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            deadline, search_id = heapq.heappop(self._expiry_heap)
+            if self._expires.get(search_id) != deadline:
+                continue
+            del self._expires[search_id]
+            self._jobs.pop(search_id, None)
+            self._checkpoints.pop(search_id, None)
+            self._logs.pop(search_id, None)
+            self._cancelled.discard(search_id)

@@ -1,0 +1,39 @@
+"""Redis key layout. Everything of one search shares the hash tag `{<search_id>}`, so its keys sit
+in one Redis Cluster slot and a Lua script may touch them all.
+
+    lodestar:{<id>}:job         HASH    job record (see `redis_store` for the fields)
+    lodestar:{<id>}:checkpoint  HASH    g = generation, d = algorithm state bytes
+    lodestar:{<id>}:events      STREAM  ids 0-1, 0-2, ... (offset = sequence); fields t, d
+    lodestar:{<id>}:cancel      STRING  "1" once cancellation is requested
+    lodestar:jobs:unfinished    ZSET    search id -> lease expiry (creation time if never
+                                        claimed): claimable when the score is in the past
+
+The `jobs:unfinished` index lives in its own slot, so scripts never touch it: it is updated
+beside them and self-heals (ids of missing or finished jobs are dropped when met).
+Batch records will follow the same pattern under `lodestar:batch:{<batch_id>}:...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class SearchKeys:
+    job: str
+    checkpoint: str
+    events: str
+    cancel: str
+
+    @classmethod
+    def of(cls, prefix: str, search_id: str) -> SearchKeys:
+        base = f"{prefix}:{{{search_id}}}"
+        return cls(f"{base}:job", f"{base}:checkpoint", f"{base}:events", f"{base}:cancel")
+
+    def all(self) -> list[str]:
+        """In the order the Lua scripts expect them as KEYS."""
+        return [self.job, self.checkpoint, self.events, self.cancel]
+
+
+def unfinished_index(prefix: str) -> str:
+    return f"{prefix}:jobs:unfinished"

@@ -1,0 +1,140 @@
+"""Lua scripts: every read-check-write on one search runs server-side, so it is atomic.
+
+Each script gets the search's keys as KEYS = [job, checkpoint, events, cancel] (one hash tag,
+one cluster slot) and uses the server clock (TIME), so orchestrators' clock skew cannot decide
+who owns a lease. Times are stored as seconds with six decimals. Needs Redis >= 7.0
+(stream ids `0-*`, non-deterministic commands in scripts).
+"""
+
+from __future__ import annotations
+
+from lodestar.orchestrator.state_store.base import FINISHED
+
+_PRELUDE = (
+    "local FINISHED = {"
+    + ", ".join(f"{status.value} = true" for status in sorted(FINISHED))
+    + "}\n"
+    + """
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+local function stamp(x) return string.format('%.6f', x) end
+local function inherit_ttl(key)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+)
+
+CREATE_JOB = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local created = stamp(now())
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', created, unpack(ARGV))
+return created
+"""
+)
+"""ARGV: the spec's field/value pairs. Returns created_at, or false if the job exists."""
+
+UPDATE_JOB = (
+    _PRELUDE
+    + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if FINISHED[current] then return {'finished', current} end
+local target = ARGV[1]
+if target == '' then
+  target = current
+elseif not string.find(',' .. ARGV[2] .. ',', ',' .. current .. ',', 1, true) then
+  return {'invalid', current}
+end
+redis.call('HSET', KEYS[1], 'status', target)
+if #ARGV > 3 then redis.call('HSET', KEYS[1], unpack(ARGV, 4)) end
+if target == 'running' and redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then
+  redis.call('HSET', KEYS[1], 'started_at', stamp(now()))
+end
+if FINISHED[target] then
+  redis.call('HSET', KEYS[1], 'finished_at', stamp(now()))
+  redis.call('HDEL', KEYS[1], 'lease_expires_at')
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+"""ARGV: target status ('' keeps it), statuses allowed before it (comma-separated), TTL in ms
+for a finished job, then field/value pairs to set."""
+
+CLAIM_JOB = (
+    _PRELUDE
+    + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if FINISHED[current] then return {'finished', current} end
+local t = now()
+local holder = redis.call('HGET', KEYS[1], 'owner')
+local expires = tonumber(redis.call('HGET', KEYS[1], 'lease_expires_at') or '')
+if expires and expires > t and (ARGV[3] == '1' or holder ~= ARGV[1]) then
+  return {'held', stamp(expires)}
+end
+local lease = stamp(t + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_expires_at', lease)
+if current == 'queued' then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+  redis.call('HSETNX', KEYS[1], 'started_at', stamp(t))
+end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+)
+"""ARGV: owner, lease seconds, '1' to claim only an expired lease (orphans) else '0'."""
+
+RENEW_LEASE = (
+    _PRELUDE
+    + """
+local current = redis.call('HGET', KEYS[1], 'status')
+if not current then return {'missing'} end
+if FINISHED[current] then return {'finished', current} end
+local holder = redis.call('HGET', KEYS[1], 'owner')
+if holder ~= ARGV[1] then return {'lost', holder or ''} end
+local lease = stamp(now() + tonumber(ARGV[2]))
+redis.call('HSET', KEYS[1], 'lease_expires_at', lease)
+return {'ok', lease}
+"""
+)
+"""ARGV: owner, lease seconds."""
+
+SAVE_CHECKPOINT = (
+    _PRELUDE
+    + """
+local stored = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and FINISHED[status] then return {0, stored, status} end
+if tonumber(ARGV[1]) ~= stored + 1 then return {0, stored} end
+redis.call('HSET', KEYS[2], 'g', ARGV[1], 'd', ARGV[2])
+return {1, stored + 1}
+"""
+)
+"""ARGV: generation, data. Returns {1, generation} or {0, stored generation[, finished status]}."""
+
+APPEND_EVENT = (
+    _PRELUDE
+    + """
+local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', 1)
+if last[1] and last[1][2][2] == '1' then return false end
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[1], '0-*', 't', ARGV[2], 'd', ARGV[3])
+inherit_ttl(KEYS[3])
+return id
+"""
+)
+"""ARGV: max length, '1' if terminal else '0', data. Returns the stream id '0-<offset>', or
+false when the log already ended with a terminal event."""
+
+REQUEST_CANCEL = (
+    _PRELUDE
+    + """
+redis.call('SET', KEYS[4], '1', 'KEEPTTL')
+inherit_ttl(KEYS[4])
+return 1
+"""
+)

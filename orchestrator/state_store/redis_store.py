@@ -1,0 +1,392 @@
+"""Redis backend: the store shared by every orchestrator and service replica.
+
+Writes that check state run as Lua scripts (`redis_scripts`); keys follow `redis_keys`. Two
+bounded pools: one for ordinary commands, one for blocking stream reads, so streaming clients can
+never starve checkpoint writes. Socket, pool and per-call timeouts bound every method, and any
+connection failure surfaces as `StateStoreUnavailable`; connections are re-made on the next
+call, so the same store object works again once Redis is back.
+
+Job hash fields: algorithm, params (JSON), problem (JSON), seed, budget (JSON), status,
+created_at, started_at, finished_at, owner, lease_expires_at, spend (JSON), result, error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from lodestar.orchestrator.state_store import redis_scripts
+from lodestar.orchestrator.state_store.base import (
+    ALLOWED_FROM,
+    Checkpoint,
+    InvalidTransition,
+    JobExists,
+    JobNotFound,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    LeaseLost,
+    ProgressEvent,
+    StaleWriter,
+    StateStore,
+    StateStoreUnavailable,
+    StoreConfig,
+    StreamClosed,
+    check_search_id,
+    validate_lease,
+    validate_read,
+    validate_write,
+)
+from lodestar.orchestrator.state_store.redis_keys import SearchKeys, unfinished_index
+
+_OUTAGE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TimeoutError, OSError)
+
+DANGLING_AFTER_S = 300.0
+"""An index entry whose job hash is missing is dropped only once it is this old: `create_job`
+writes the index before the hash, so a young entry may belong to a job being created."""
+
+
+@dataclass(frozen=True)
+class RedisStoreConfig(StoreConfig):
+    """With the defaults a refused connection fails at once and a hung server in about 1 s."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "lodestar"
+    max_connections: int = 64
+    max_stream_readers: int = 64
+    """Connections for blocking `read_events` waits; each waiting reader holds one."""
+    pool_timeout_s: float = 1.0
+    socket_timeout_s: float = 1.0
+    connect_timeout_s: float = 1.0
+    op_timeout_s: float = 2.5
+    """Hard cap on one method call (plus `wait_s` for blocking reads), whatever Redis does."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if min(self.max_connections, self.max_stream_readers) < 1:
+            raise ValueError("pools need at least one connection")
+        timeouts = (self.pool_timeout_s, self.socket_timeout_s, self.connect_timeout_s)
+        if min(timeouts) <= 0 or self.op_timeout_s < self.socket_timeout_s:
+            raise ValueError("timeouts must be > 0 and op_timeout_s >= socket_timeout_s")
+        if not self.key_prefix or "{" in self.key_prefix or "}" in self.key_prefix:
+            raise ValueError("key_prefix must be non-empty and free of braces")
+
+
+class RedisStateStore(StateStore):
+    def __init__(self, config: RedisStoreConfig | None = None) -> None:
+        self.config = config = config or RedisStoreConfig()
+        self._redis = Redis(connection_pool=self._pool(config.max_connections))
+        self._streams = Redis(connection_pool=self._pool(config.max_stream_readers))
+        self._index = unfinished_index(config.key_prefix)
+        self._max_block_s = max(0.01, config.socket_timeout_s / 2)
+        register = self._redis.register_script
+        self._create = register(redis_scripts.CREATE_JOB)
+        self._update = register(redis_scripts.UPDATE_JOB)
+        self._claim = register(redis_scripts.CLAIM_JOB)
+        self._renew = register(redis_scripts.RENEW_LEASE)
+        self._save = register(redis_scripts.SAVE_CHECKPOINT)
+        self._append = register(redis_scripts.APPEND_EVENT)
+        self._cancel = register(redis_scripts.REQUEST_CANCEL)
+
+    def _pool(self, size: int) -> BlockingConnectionPool:
+        c = self.config
+        return BlockingConnectionPool.from_url(
+            c.url,
+            max_connections=size,
+            timeout=c.pool_timeout_s,
+            socket_timeout=c.socket_timeout_s,
+            socket_connect_timeout=c.connect_timeout_s,
+            # No retries: a retried script whose first run landed would report a false StaleWriter
+            # or publish an event twice. Dropped connections are re-dialled at checkout anyway.
+            retry=Retry(NoBackoff(), 0),
+            protocol=2,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, what: str, extra_s: float = 0.0) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.config.op_timeout_s + extra_s):
+                yield
+        except _OUTAGE as exc:
+            detail = str(exc) or type(exc).__name__
+            raise StateStoreUnavailable(f"{what}: {detail}") from exc
+
+    def _keys(self, search_id: str) -> list[str]:
+        return SearchKeys.of(self.config.key_prefix, check_search_id(search_id)).all()
+
+    async def ping(self) -> None:
+        async with self._guard("ping"):
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose(close_connection_pool=True)
+        await self._streams.aclose(close_connection_pool=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    async def save_checkpoint(self, search_id: str, generation: int, data: bytes) -> None:
+        validate_write(search_id, generation, data)
+        async with self._guard("save_checkpoint"):
+            reply = await self._save(keys=self._keys(search_id), args=[generation, data])
+        if reply[0] != 1:
+            reason = f"job is {_text(reply[2])}" if len(reply) > 2 else ""
+            raise StaleWriter(search_id, generation, int(reply[1]), reason)
+
+    async def load_checkpoint(self, search_id: str) -> Checkpoint | None:
+        keys = self._keys(search_id)
+        async with self._guard("load_checkpoint"):
+            generation, data = await self._redis.hmget(keys[1], ["g", "d"])
+        return None if generation is None else Checkpoint(int(generation), data)
+
+    # -- jobs -----------------------------------------------------------------------------------
+
+    async def create_job(self, spec: JobSpec) -> JobRecord:
+        keys = self._keys(spec.search_id)
+        fields = _spec_fields(spec)
+        async with self._guard("create_job"):
+            # Index first, scored by creation time: a crash between the two leaves an id the index
+            # later drops (DANGLING_AFTER_S), never a job that no orchestrator can find.
+            await self._redis.zadd(self._index, {spec.search_id: time.time()}, nx=True)
+            created = await self._create(keys=keys, args=fields)
+        if created is None:
+            raise JobExists(spec.search_id)
+        return JobRecord(spec=spec, status=JobStatus.QUEUED, created_at=float(created))
+
+    async def get_job(self, search_id: str) -> JobRecord | None:
+        keys = self._keys(search_id)
+        async with self._guard("get_job"):
+            fields = await self._redis.hgetall(keys[0])
+        return _job_from_hash(search_id, fields) if fields else None
+
+    async def update_job(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        keys = self._keys(search_id)
+        target = JobStatus(status) if status is not None else None
+        allowed = ",".join(ALLOWED_FROM[target]) if target else ""
+        ttl_ms = max(1, round(self.config.finished_ttl_s * 1000))
+        fields: list[str] = []
+        if spend is not None:
+            fields += ["spend", json.dumps(dict(spend))]
+        if result is not None:
+            fields += ["result", result]
+        if error is not None:
+            fields += ["error", error]
+        async with self._guard("update_job"):
+            reply = await self._update(keys=keys, args=[target or "", allowed, ttl_ms, *fields])
+            verdict = _text(reply[0])
+            if verdict == "ok" and target is not None and target.finished:
+                await self._redis.zrem(self._index, search_id)
+        if verdict == "missing":
+            raise JobNotFound(search_id)
+        if verdict == "finished":
+            raise InvalidTransition(f"job {search_id!r} is finished ({_text(reply[1])})")
+        if verdict == "invalid":
+            raise InvalidTransition(f"job {search_id!r}: {_text(reply[1])} -> {target}")
+        return _job_from_hash(search_id, _pairs(reply[1]))
+
+    async def list_unfinished(self) -> list[JobRecord]:
+        async with self._guard("list_unfinished"):
+            entries = await self._redis.zrange(self._index, 0, -1, withscores=True)
+            ids = [_text(i) for i, _ in entries]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for search_id in ids:
+                    pipe.hgetall(self._keys(search_id)[0])
+                hashes = await pipe.execute()
+            jobs = [_job_from_hash(i, h) for i, h in zip(ids, hashes, strict=True) if h]
+            dangling = time.time() - DANGLING_AFTER_S
+            scores = [score for _, score in entries]
+            gone = {
+                search_id
+                for search_id, score, h in zip(ids, scores, hashes, strict=True)
+                if not h and score < dangling
+            }
+            gone |= {job.search_id for job in jobs if job.status.finished}
+            if gone:
+                await self._redis.zrem(self._index, *gone)
+        unfinished = [job for job in jobs if not job.status.finished]
+        return sorted(unfinished, key=lambda job: (job.created_at, job.search_id))
+
+    async def claim_job(self, search_id: str, owner: str, lease_s: float) -> JobRecord | None:
+        validate_lease(owner, lease_s)
+        async with self._guard("claim_job"):
+            verdict, job = await self._claim_one(search_id, owner, lease_s, orphans_only=False)
+        if verdict == "missing":
+            raise JobNotFound(search_id)
+        return job
+
+    async def claim_orphans(self, owner: str, lease_s: float, limit: int = 16) -> list[JobRecord]:
+        validate_lease(owner, lease_s)
+        claimed: list[JobRecord] = []
+        async with self._guard("claim_orphans"):
+            seconds, micros = await self._redis.time()
+            now = seconds + micros / 1e6
+            entries = await self._redis.zrangebyscore(
+                self._index, "-inf", now, start=0, num=limit, withscores=True
+            )
+            for search_id, score in entries:
+                search_id = _text(search_id)
+                verdict, job = await self._claim_one(search_id, owner, lease_s, orphans_only=True)
+                if job is not None:
+                    claimed.append(job)
+                elif verdict == "missing" and score < time.time() - DANGLING_AFTER_S:
+                    await self._redis.zrem(self._index, search_id)
+        return claimed
+
+    async def _claim_one(
+        self, search_id: str, owner: str, lease_s: float, *, orphans_only: bool
+    ) -> tuple[str, JobRecord | None]:
+        """Run the claim script; keep the index in step with what it found, so stale entries
+        heal as they are met (a missing job is the caller's call: see DANGLING_AFTER_S)."""
+        args = [owner, repr(float(lease_s)), "1" if orphans_only else "0"]
+        reply = await self._claim(keys=self._keys(search_id), args=args)
+        verdict = _text(reply[0])
+        if verdict == "ok":
+            job = _job_from_hash(search_id, _pairs(reply[1]))
+            await self._redis.zadd(self._index, {search_id: job.lease_expires_at or 0.0})
+            return verdict, job
+        if verdict == "held":
+            await self._redis.zadd(self._index, {search_id: float(reply[1])})
+        elif verdict == "finished":
+            await self._redis.zrem(self._index, search_id)
+        return verdict, None
+
+    async def renew_lease(self, search_id: str, owner: str, lease_s: float) -> float:
+        validate_lease(owner, lease_s)
+        keys = self._keys(search_id)
+        async with self._guard("renew_lease"):
+            reply = await self._renew(keys=keys, args=[owner, repr(float(lease_s))])
+            verdict = _text(reply[0])
+            if verdict == "ok":
+                expires = float(reply[1])
+                await self._redis.zadd(self._index, {search_id: expires})
+                return expires
+        if verdict == "missing":
+            raise JobNotFound(search_id)
+        if verdict == "finished":
+            raise LeaseLost(f"job {search_id!r} is {_text(reply[1])}")
+        raise LeaseLost(f"job {search_id!r} is owned by {_text(reply[1]) or None!r}")
+
+    # -- progress events ------------------------------------------------------------------------
+
+    async def append_event(self, search_id: str, data: bytes, *, terminal: bool = False) -> int:
+        keys = self._keys(search_id)
+        if not isinstance(data, bytes):
+            raise TypeError(f"event data must be bytes, got {type(data).__name__}")
+        args = [self.config.events_maxlen, "1" if terminal else "0", data]
+        async with self._guard("append_event"):
+            stream_id = await self._append(keys=keys, args=args)
+        if stream_id is None:
+            raise StreamClosed(f"search {search_id!r} already published its terminal event")
+        return _offset(stream_id)
+
+    async def read_events(
+        self, search_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[ProgressEvent]:
+        validate_read(after, limit, wait_s)
+        streams = {self._keys(search_id)[2]: f"0-{after}"}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        async with self._guard("read_events", extra_s=wait_s):
+            reply = await self._redis.xread(streams, count=limit)
+            # Block in slices shorter than the socket timeout, so a long wait is not an outage.
+            while not reply and (remaining := deadline - loop.time()) > 0:
+                block_ms = max(1, round(min(remaining, self._max_block_s) * 1000))
+                reply = await self._streams.xread(streams, count=limit, block=block_ms)
+        return [_event(i, f) for _, entries in reply or [] for i, f in entries]
+
+    # -- cancellation ---------------------------------------------------------------------------
+
+    async def request_cancel(self, search_id: str) -> None:
+        keys = self._keys(search_id)
+        async with self._guard("request_cancel"):
+            await self._cancel(keys=keys, args=[])
+
+    async def is_cancelled(self, search_id: str) -> bool:
+        keys = self._keys(search_id)
+        async with self._guard("is_cancelled"):
+            return bool(await self._redis.exists(keys[3]))
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _offset(stream_id: bytes | str) -> int:
+    return int(_text(stream_id).partition("-")[2])
+
+
+def _event(stream_id: bytes, fields: Mapping[bytes, bytes]) -> ProgressEvent:
+    return ProgressEvent(_offset(stream_id), fields[b"d"], fields[b"t"] == b"1")
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _spec_fields(spec: JobSpec) -> list[str]:
+    fields = [
+        "algorithm",
+        spec.algorithm,
+        "params",
+        json.dumps(spec.params),
+        "problem",
+        json.dumps(spec.problem),
+        "seed",
+        str(int(spec.seed)),
+    ]
+    if spec.budget is not None:
+        fields += ["budget", json.dumps(spec.budget)]
+    return fields
+
+
+def _job_from_hash(search_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
+    h = {_text(k): _text(v) for k, v in raw.items()}
+
+    def when(name: str) -> float | None:
+        return float(h[name]) if name in h else None
+
+    def loaded(name: str) -> Any:
+        return json.loads(h[name]) if name in h else None
+
+    spec = JobSpec(
+        search_id=search_id,
+        algorithm=h["algorithm"],
+        params=json.loads(h["params"]),
+        problem=json.loads(h["problem"]),
+        seed=int(h["seed"]),
+        budget=loaded("budget"),
+    )
+    return JobRecord(
+        spec=spec,
+        status=JobStatus(h["status"]),
+        created_at=float(h["created_at"]),
+        started_at=when("started_at"),
+        finished_at=when("finished_at"),
+        owner=h.get("owner"),
+        lease_expires_at=when("lease_expires_at"),
+        spend=loaded("spend") or {},
+        result=h.get("result"),
+        error=h.get("error"),
+    )

@@ -1,0 +1,1 @@
+"""The front door: CLI, and (later) the gRPC server and batch jobs."""

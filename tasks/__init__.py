@@ -1,0 +1,1 @@
+"""Tasks with checkable answers: problem generators, prompt formats, step checkers."""

@@ -1,0 +1,354 @@
+"""Synthetic multi-step integer arithmetic: problems whose every step and answer can be checked.
+
+A problem is an expression over non-negative integers with `+ - *` and parentheses, printed with
+only the parentheses its tree needs, e.g. `(7+5)*3-4`. A solution reduces one innermost operation
+per step, each step ending with the step delimiter; the last step also boxes the answer:
+
+    7+5=12\\n\\n12*3=36\\n\\n36-4=32 \\boxed{32}
+
+Every intermediate value stays in `[0, max_value]` (no negatives, no division), so steps never
+need signed numbers. Splits are assigned by a hash of the canonical expression, so train,
+validation and test never share a problem whatever the seed or difficulty.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Literal
+
+from lodestar.orchestrator.algorithms.answers import canonicalize, final_answer
+
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+_SPLIT_BOUNDS = {"train": (0, 80), "validation": (80, 90), "test": (90, 100)}
+"""Percent buckets of the expression hash per split (80/10/10)."""
+
+STEP_DELIMITER = "\n\n"
+PROMPT_FORMAT = "Q: {expression}\nA:\n"
+"""What the policy model sees before its solution (its chat template renders the same)."""
+
+OPS = ("+", "-", "*")
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2}
+
+Tree = int | tuple[str, "Tree", "Tree"]
+"""A leaf value, or `(op, left, right)`."""
+
+
+class ArithmeticProblemError(ValueError):
+    """The text is not an expression of this task (names the text and what is wrong)."""
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The generator's knobs: operations per problem, operand range, bound on every value."""
+
+    ops: int = 3
+    min_operand: int = 1
+    max_operand: int = 9
+    max_value: int = 999
+
+    def __post_init__(self) -> None:
+        if self.ops < 1:
+            raise ValueError(f"ops must be >= 1, got {self.ops}")
+        if not 0 <= self.min_operand <= self.max_operand <= self.max_value:
+            raise ValueError(
+                "need 0 <= min_operand <= max_operand <= max_value, got "
+                f"{self.min_operand}, {self.max_operand}, {self.max_value}"
+            )
+
+
+@dataclass(frozen=True)
+class Problem:
+    expression: str
+    """Canonical text: minimal parentheses, no spaces."""
+    tree: Tree = field(repr=False, compare=False)
+    answer: int = field(compare=False)
+
+
+# -- expressions --------------------------------------------------------------------------------
+_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*()]))")
+
+
+def parse_expression(text: str) -> Tree:
+    """The tree of `text` under the usual precedence (`*` over `+ -`, left-associative).
+
+    Raises `ArithmeticProblemError` for anything else: other symbols, unary minus, division,
+    unbalanced parentheses, a bare number.
+    """
+    tokens: list[str] = []
+    pos, stripped = 0, text.rstrip()
+    while pos < len(stripped):
+        m = _TOKEN.match(stripped, pos)
+        if m is None:
+            raise ArithmeticProblemError(
+                f"not an arithmetic problem: unexpected {stripped[pos:].lstrip()[:10]!r} in "
+                f"{text!r}"
+            )
+        tokens.append(m.group(1) or m.group(2))
+        pos = m.end()
+    if not tokens:
+        raise ArithmeticProblemError(f"not an arithmetic problem: empty expression {text!r}")
+    i = 0
+
+    def fail(what: str) -> ArithmeticProblemError:
+        return ArithmeticProblemError(f"not an arithmetic problem: {what} in {text!r}")
+
+    def atom() -> Tree:
+        nonlocal i
+        if i >= len(tokens):
+            raise fail("unexpected end")
+        tok = tokens[i]
+        i += 1
+        if tok.isdigit():
+            return int(tok)
+        if tok == "(":
+            node = expr()
+            if i >= len(tokens) or tokens[i] != ")":
+                raise fail("unbalanced parentheses")
+            i += 1
+            return node
+        raise fail(f"unexpected {tok!r}")
+
+    def term() -> Tree:
+        nonlocal i
+        node = atom()
+        while i < len(tokens) and tokens[i] == "*":
+            i += 1
+            node = ("*", node, atom())
+        return node
+
+    def expr() -> Tree:
+        nonlocal i
+        node = term()
+        while i < len(tokens) and tokens[i] in ("+", "-"):
+            op = tokens[i]
+            i += 1
+            node = (op, node, term())
+        return node
+
+    tree = expr()
+    if i != len(tokens):
+        raise fail(f"unexpected {tokens[i]!r}")
+    if isinstance(tree, int):
+        raise fail("no operation")
+    return tree
+
+
+def format_expression(tree: Tree) -> str:
+    """Text that parses back to exactly `tree`, with only the parentheses that requires."""
+    if isinstance(tree, int):
+        return str(tree)
+    op, left, right = tree
+    ls, rs = format_expression(left), format_expression(right)
+    if not isinstance(left, int) and _PRECEDENCE[left[0]] < _PRECEDENCE[op]:
+        ls = f"({ls})"
+    # Left-associative parsing: a right child of equal precedence needs parentheses too.
+    if not isinstance(right, int) and _PRECEDENCE[right[0]] <= _PRECEDENCE[op]:
+        rs = f"({rs})"
+    return f"{ls}{op}{rs}"
+
+
+def apply_op(op: str, a: int, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def evaluate(tree: Tree) -> int:
+    if isinstance(tree, int):
+        return tree
+    op, left, right = tree
+    return apply_op(op, evaluate(left), evaluate(right))
+
+
+def _within(tree: Tree, max_value: int) -> bool:
+    """Every value the tree computes (leaves and intermediates) lies in [0, max_value]."""
+    if isinstance(tree, int):
+        return 0 <= tree <= max_value
+    _, left, right = tree
+    return _within(left, max_value) and _within(right, max_value) and (
+        0 <= evaluate(tree) <= max_value
+    )
+
+
+@lru_cache(maxsize=65_536)
+def _problem_from_canonical(expression: str) -> Problem:
+    tree = parse_expression(expression)
+    return Problem(expression=expression, tree=tree, answer=evaluate(tree))
+
+
+def problem_from_text(text: str) -> Problem:
+    """The problem for an expression text (any spacing or redundant parentheses).
+
+    Raises `ArithmeticProblemError` when the text is not an expression of this task.
+    """
+    return _problem_from_canonical(format_expression(parse_expression(text)))
+
+
+def _as_problem(problem: Problem | str) -> Problem:
+    return problem if isinstance(problem, Problem) else problem_from_text(problem)
+
+
+def format_problem(problem: Problem | str) -> str:
+    """The plain-text prompt (`Q: <expr>\\nA:\\n`) for models without a chat template."""
+    return PROMPT_FORMAT.format(expression=_as_problem(problem).expression)
+
+
+# -- generation and splits ----------------------------------------------------------------------
+def split_of(expression: str | Problem) -> Split:
+    """The split a problem belongs to, from a hash of its canonical expression."""
+    canonical = _as_problem(expression).expression
+    bucket = int.from_bytes(hashlib.blake2b(canonical.encode(), digest_size=8).digest()) % 100
+    return next(s for s, (lo, hi) in _SPLIT_BOUNDS.items() if lo <= bucket < hi)
+
+
+def random_tree(rng: random.Random, difficulty: Difficulty) -> Tree | None:
+    """A random expression with `difficulty.ops` operations, or None if a value left the bounds.
+
+    The shape is drawn by splitting the remaining operations between the two children uniformly.
+    """
+
+    def build(n: int) -> Tree:
+        if n == 0:
+            return rng.randint(difficulty.min_operand, difficulty.max_operand)
+        k = rng.randint(0, n - 1)
+        op = rng.choice(OPS)
+        return (op, build(k), build(n - 1 - k))
+
+    tree = build(difficulty.ops)
+    return tree if _within(tree, difficulty.max_value) else None
+
+
+def iter_problems(
+    split: Split, difficulty: Difficulty = Difficulty(), seed: int = 0, *, unique: bool = True
+) -> Iterator[Problem]:
+    """An endless deterministic stream of `split` problems (distinct when `unique`).
+
+    Raises `RuntimeError` when the split seems exhausted (small operand ranges have few problems).
+    """
+    if split not in _SPLIT_BOUNDS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    rng = random.Random(f"arithmetic|{split}|{difficulty}|{seed}")
+    seen: set[str] = set()
+    misses = 0
+    while True:
+        tree = random_tree(rng, difficulty)
+        if tree is None:
+            continue
+        expression = format_expression(tree)
+        if split_of(expression) != split or (unique and expression in seen):
+            misses += 1
+            if misses > 100_000:
+                raise RuntimeError(f"no new {split} problems found at {difficulty}")
+            continue
+        misses = 0
+        if unique:
+            seen.add(expression)
+        yield _problem_from_canonical(expression)
+
+
+def generate_problems(
+    split: Split, n: int, difficulty: Difficulty = Difficulty(), seed: int = 0
+) -> list[Problem]:
+    """`n` distinct problems of `split` at `difficulty`; the same arguments give the same list."""
+    stream = iter_problems(split, difficulty, seed)
+    return [next(stream) for _ in range(n)]
+
+
+# -- solutions ----------------------------------------------------------------------------------
+Reduction = tuple[str, int, int]
+
+
+def _reductions(tree: Tree) -> list[tuple[Reduction, Tree]]:
+    """Every innermost operation of `tree` (left to right) with the tree after computing it."""
+    if isinstance(tree, int):
+        return []
+    op, left, right = tree
+    if isinstance(left, int) and isinstance(right, int):
+        return [((op, left, right), apply_op(op, left, right))]
+    out = [(r, (op, new, right)) for r, new in _reductions(left)]
+    out += [(r, (op, left, new)) for r, new in _reductions(right)]
+    return out
+
+
+def solution_steps(problem: Problem | str, rng: random.Random | None = None) -> list[str]:
+    """A correct solution as steps: leftmost innermost operation first, or a random legal order
+    when `rng` is given. Each step ends with the delimiter except the last, which boxes the answer.
+    """
+    tree = _as_problem(problem).tree
+    steps: list[str] = []
+    while not isinstance(tree, int):
+        options = _reductions(tree)
+        (op, a, b), tree = options[0] if rng is None else rng.choice(options)
+        steps.append(f"{a}{op}{b}={apply_op(op, a, b)}{STEP_DELIMITER}")
+    steps[-1] = steps[-1].removesuffix(STEP_DELIMITER) + f" \\boxed{{{tree}}}"
+    return steps
+
+
+def solution_text(problem: Problem | str, rng: random.Random | None = None) -> str:
+    return "".join(solution_steps(problem, rng))
+
+
+def split_steps(text: str) -> list[str]:
+    """Cut a solution text into steps, each keeping its trailing delimiter (the last may lack it)."""
+    parts = text.split(STEP_DELIMITER)
+    steps = [p + STEP_DELIMITER for p in parts[:-1]]
+    return [*steps, parts[-1]] if parts[-1] else steps
+
+
+_STEP = re.compile(r"(\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)(?:\s*\\boxed\{\s*(-?\d+)\s*\})?")
+_BARE_ANSWER = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+def evaluate_steps(problem: Problem | str, steps: Sequence[str]) -> list[bool]:
+    """Whether each step is correct: a legal reduction of the expression so far, rightly computed.
+
+    A step `a op b = c` is correct iff some innermost operation of the current expression has
+    operands `a`, `b` (either order for `+` and `*`) and `c` is its value; any legal order of
+    reductions is accepted (all readings are tracked when equal operations appear twice). A step
+    that boxes an answer must be the last reduction and box its value; a bare `\\boxed{v}` step is
+    also correct once the expression is fully reduced to v. After a wrong step, or after the
+    answer, every step is wrong.
+    """
+    states: set[Tree] = {_as_problem(problem).tree}
+    finished = False
+    out: list[bool] = []
+    for step in steps:
+        ok = not finished and bool(states)
+        if ok:
+            states, finished, ok = _advance(states, step.strip())
+        if not ok:
+            states = set()
+        out.append(ok)
+    return out
+
+
+def _advance(states: set[Tree], step: str) -> tuple[set[Tree], bool, bool]:
+    """(states after `step`, whether it finished the solution, whether it was correct)."""
+    bare = _BARE_ANSWER.fullmatch(step)
+    if bare is not None:
+        values = {s for s in states if isinstance(s, int)}
+        return states, True, bool(values) and int(bare.group(1)) in values
+    m = _STEP.fullmatch(step)
+    if m is None:
+        return states, False, False
+    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+    if c != apply_op(op, a, b):
+        return states, False, False
+    wanted = {(op, a, b), (op, b, a)} if op in ("+", "*") else {(op, a, b)}
+    after = {new for s in states for r, new in _reductions(s) if r in wanted}
+    if not after:
+        return states, False, False
+    if m.group(5) is None:
+        return after, False, True
+    # A boxed answer ends the solution: only right when nothing is left to compute.
+    return after, True, after == {c} and int(m.group(5)) == c
+
+
+def is_correct(problem: Problem | str, answer_text: str) -> bool:
+    """Whether the last completed `\\boxed{...}` in `answer_text` is the problem's value."""
+    answer = final_answer(answer_text)
+    return answer is not None and answer == canonicalize(str(_as_problem(problem).answer))

@@ -1,0 +1,1 @@
+"""Scripts that build the models Lodestar ships: tokenizer, policy and PRM training."""

@@ -1,0 +1,331 @@
+"""The policy worker: sample the next reasoning step for a batch of partial solutions.
+
+One `extend` call is one padded forward loop over all its requests. A request whose parent's KV
+cache is held (and whose tokens extend the parent's) starts from a copy of that cache and encodes
+only what the cache lacks; the rest encode their whole prefix. Rows that stop (delimiter, EOS,
+token cap) leave the batch, and their caches are kept under their `seq_id` for their children.
+
+Batch layout of the first forward (B rows, P = longest cached part, F = longest uncached part):
+
+    cache  [B, kv_heads, P, head_dim]   row i: zeros, then its c_i cached positions (right-aligned)
+    input  [B, F]                       row i: pad, then its f_i uncached tokens (right-aligned)
+    mask   [B, P + F]                   0 0 1 1 1 | 0 0 0 1 1   (zeros may sit in the middle)
+    pos    [B, F]                       cumsum(mask) - 1: each token's position in its own sequence
+
+Rotary models (Llama, Qwen2) and absolute-position models (GPT-2) both take explicit positions, so
+a row's logits match an unpadded forward of that row alone (within float rounding).
+
+Tokens: a held sequence keeps the exact token ids it was computed from, and a hit needs them to be
+a prefix of the request's freshly tokenized prefix text. With a BPE tokenizer a sampled token
+sequence can decode to text that re-tokenizes differently; such a child misses and recomputes from
+the text, so a hit and a miss always see the same tokens and cache on/off give the same outputs.
+The `mismatches` counter shows how often that happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
+
+from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
+from lodestar.workers.loading import load_causal_lm
+from lodestar.workers.messages import ExtendRequest, Prompt, StepOutput, StopReason
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, u: torch.Tensor
+) -> torch.Tensor:
+    """One token per row by inverse CDF: the row's own uniform `u` picks from its nucleus.
+
+    logits [b, V]; temperature, top_p, u [b]. Temperature 0 is argmax. Because each row's choice
+    depends only on its logits and its uniform, a row samples the same token whatever else shares
+    the batch (up to float rounding of the logits).
+    """
+    probs = torch.softmax(logits / temperature.clamp(min=1e-6)[:, None], dim=-1)  # [b, V]
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)  # [b, V]
+    nucleus = (sorted_p.cumsum(-1) - sorted_p) < top_p[:, None]  # keeps at least the top token
+    cdf = (sorted_p * nucleus).cumsum(-1)  # [b, V], flat after the nucleus
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [b, 1]
+    idx = torch.minimum(idx, nucleus.sum(-1, keepdim=True) - 1)
+    sampled = order.gather(-1, idx)[:, 0]  # [b]
+    return torch.where(temperature == 0, logits.argmax(-1), sampled)
+
+
+def find_step_end(text: str, start: int, delimiter: str) -> int | None:
+    """End index of the first `delimiter` in `text` that ends after `start`, or None."""
+    at = text.find(delimiter, max(0, start - len(delimiter) + 1))
+    return None if at < 0 else at + len(delimiter)
+
+
+class PolicyWorker:
+    """Samples next steps for many partial solutions at once, keeping a KV cache per sequence.
+
+    `logprob` of a step is the sum of its sampled tokens' log-probabilities under the model's own
+    next-token distribution (log_softmax of the raw logits: no temperature, no top-p), EOS
+    included when sampled. `token_ids` and `text` exclude EOS; `num_tokens` counts it (it was
+    generated and paid for).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        cache_tokens: int = 32_768,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = model.device
+        self.cache = KVCacheStore(cache_tokens)
+        if any(
+            type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers
+        ):
+            raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        self.chat = tokenizer.chat_template is not None
+        eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
+        self.eos_ids = sorted(e for e in eos if e is not None)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids or [0])[0]
+        self.calls = self.requests = self.generated_tokens = self.prompt_tokens = 0
+        self.forward_passes = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        cache_tokens: int = 32_768,
+    ) -> PolicyWorker:
+        tokenizer, model = load_causal_lm(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, cache_tokens=cache_tokens)
+
+    # -- formatting -------------------------------------------------------------------------
+    def prefix_text(self, request: ExtendRequest) -> str:
+        """The text the model continues: the prompt (rendered as a chat when the tokenizer has a
+        template, the assistant turn opened), then the steps so far, then the partial step."""
+        body = "".join(request.steps) + request.partial_step
+        return self._render(request.prompt) + body
+
+    def _render(self, prompt: Prompt) -> str:
+        if not self.chat:
+            return prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        else:
+            messages = [{"role": m.role, "content": m.content} for m in prompt]
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Prefix token ids; a rendered chat carries its own special tokens, plain text gets the
+        tokenizer's usual ones (BOS for most)."""
+        enc = self.tokenizer(texts, add_special_tokens=not self.chat)
+        return [list(ids) for ids in enc["input_ids"]]
+
+    # -- the public API -------------------------------------------------------------------
+    @torch.inference_mode()
+    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+        """Sample one step for each request, in order; see the module docstring for the batch."""
+        self.calls += 1
+        self.requests += len(requests)
+        prefixes = self.tokenize([self.prefix_text(r) for r in requests])
+        caps = [_token_cap(r) for r in requests]
+        for r, ids in zip(requests, prefixes, strict=True):
+            if not ids:
+                raise ValueError(
+                    f"request {r.seq_id!r} has an empty prefix: nothing to condition on"
+                )
+        live = [i for i, cap in enumerate(caps) if cap > 0]
+        outputs = [StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length") for r in requests]
+        if live:
+            steps = self._generate(
+                [requests[i] for i in live], [prefixes[i] for i in live], [caps[i] for i in live]
+            )
+            for i, out in zip(live, steps, strict=True):
+                outputs[i] = out
+        return outputs
+
+    def release(self, seq_ids: Sequence[str]) -> None:
+        """Drop these sequences' caches (their search moved on or ended)."""
+        self.cache.release(seq_ids)
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Cache counters plus work done, for monitoring and benchmarks (plain ints)."""
+        return {
+            **asdict(self.cache.stats()),
+            "calls": self.calls,
+            "requests": self.requests,
+            "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "forward_passes": self.forward_passes,
+        }
+
+    # -- the forward loop -----------------------------------------------------------------
+    def _generate(
+        self, requests: list[ExtendRequest], prefixes: list[list[int]], caps: list[int]
+    ) -> list[StepOutput]:
+        dev, B = self.device, len(requests)
+        # How much of each prefix a held parent covers. At least one token is fed so the row has
+        # next-token logits: a parent's newest sampled token was never fed, and an exact-length
+        # hit (a parent that stopped on EOS) re-feeds its last token.
+        parents: list[CachedSequence | None] = []
+        cached, feeds, prompt_tokens = [], [], []
+        for r, ids in zip(requests, prefixes, strict=True):
+            entry = None if r.parent_id is None else self.cache.fork(r.parent_id, ids)
+            c = 0 if entry is None else min(entry.cached, len(ids) - 1)
+            parents.append(entry)
+            cached.append(c)
+            feeds.append(ids[c:])
+            # New prefix text only: re-feeding the parent's own sampled token is generation work.
+            prompt_tokens.append(len(ids) - (0 if entry is None else len(entry.token_ids)))
+        P, F = max(cached), max(map(len, feeds))
+        self.prompt_tokens += sum(prompt_tokens)
+
+        # Past: each row's cached keys/values right-aligned in [B, kv_heads, P, head_dim] (a copy:
+        # the parents' entries stay as they are, for their other children).
+        cache = DynamicCache(config=self.model.config)
+        if P > 0:
+            ref = next(e for e in parents if e is not None)
+            past = []
+            for layer in range(len(ref.keys)):
+                H, _, D = ref.keys[layer].shape
+                k = ref.keys[layer].new_zeros(B, H, P, D)
+                v = ref.values[layer].new_zeros(B, H, P, D)
+                for i, (e, c) in enumerate(zip(parents, cached, strict=True)):
+                    if e is not None and c > 0:
+                        k[i, :, P - c :] = e.keys[layer][:, :c]
+                        v[i, :, P - c :] = e.values[layer][:, :c]
+                past.append((k, v))
+            cache = DynamicCache(past, config=self.model.config)
+
+        input_ids = torch.full((B, F), self.pad_id, dtype=torch.long)  # [B, F]
+        mask = torch.zeros(B, P + F, dtype=torch.long)  # [B, P + F]
+        for i, (c, feed) in enumerate(zip(cached, feeds, strict=True)):
+            input_ids[i, F - len(feed) :] = torch.tensor(feed)
+            mask[i, P - c : P] = 1
+            mask[i, P + F - len(feed) :] = 1
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [B, F]
+
+        # Row i's t-th token uses the t-th uniform of Generator(seed_i), drawn on the CPU so a
+        # seed means the same draws on any device and in any batch.
+        T = max(caps)
+        uniforms = torch.zeros(B, T, dtype=torch.float64)
+        for i, r in enumerate(requests):
+            gen = torch.Generator().manual_seed(r.seed & 0xFFFF_FFFF_FFFF_FFFF)
+            uniforms[i, : caps[i]] = torch.rand(caps[i], generator=gen, dtype=torch.float64)
+        uniforms = uniforms.to(dev, torch.float32)  # [B, T]
+        temperature = torch.tensor([r.sampling.temperature for r in requests], device=dev)  # [B]
+        top_p = torch.tensor([r.sampling.top_p for r in requests], device=dev)  # [B]
+        logprob = torch.zeros(B, dtype=torch.float64, device=dev)  # [B]
+
+        generated: list[list[int]] = [[] for _ in range(B)]  # sampled ids, EOS left out
+        stops: list[StopReason] = ["length"] * B
+        texts = [""] * B
+        rows = list(range(B))  # active row j -> request index rows[j]
+        rows_t = torch.arange(B, device=dev)  # the same, on the device
+        last_pos = pos[:, -1]  # [b]
+        logits = self._forward(input_ids, mask, pos, cache)  # [B, V]
+        for t in range(T):
+            tok = sample_tokens(logits, temperature[rows_t], top_p[rows_t], uniforms[rows_t, t])
+            logprob[rows_t] += torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0].double()
+            done = []  # active rows that stop on this token
+            for j, (i, token) in enumerate(zip(rows, tok.tolist(), strict=True)):
+                stop, texts[i] = self._advance(requests[i], generated[i], token, caps[i])
+                if stop is not None:
+                    stops[i] = stop
+                    self._keep(requests[i].seq_id, prefixes[i] + generated[i], cache, mask[j], j)
+                    done.append(j)
+            if len(done) == len(rows):
+                break
+            if done:
+                keep = [j for j in range(len(rows)) if j not in done]
+                keep_t = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(keep_t)
+                mask, last_pos = mask[keep_t], last_pos[keep_t]
+                tok, rows_t = tok[keep_t], rows_t[keep_t]
+                rows = [rows[j] for j in keep]
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)  # [b, S + 1]
+            last_pos = last_pos + 1  # [b]
+            logits = self._forward(tok[:, None], mask, last_pos[:, None], cache)  # [b, V]
+
+        outputs = []
+        for i, lp in enumerate(logprob.tolist()):
+            num_tokens = len(generated[i]) + (stops[i] == "eos")
+            self.generated_tokens += num_tokens
+            outputs.append(
+                StepOutput(
+                    seq_id=requests[i].seq_id,
+                    text=texts[i],
+                    token_ids=tuple(generated[i]),
+                    logprob=lp,
+                    num_tokens=num_tokens,
+                    prompt_tokens=prompt_tokens[i],
+                    stop_reason=stops[i],
+                )
+            )
+        return outputs
+
+    def _advance(
+        self, request: ExtendRequest, generated: list[int], token: int, cap: int
+    ) -> tuple[StopReason | None, str]:
+        """Take one sampled token into a row's step: (stop reason or None, the step's new text).
+
+        A delimiter ends the step where it ends (also one that began in the partial step); the
+        text is cut right after it (a token running past it stays in `token_ids` only).
+        """
+        if token in self.eos_ids:
+            return "eos", self.tokenizer.decode(generated)
+        generated.append(token)
+        partial = request.partial_step
+        step = partial + self.tokenizer.decode(generated)
+        end = find_step_end(step, len(partial), request.sampling.step_delimiter)
+        if end is not None:
+            return "delimiter", step[len(partial) : end]
+        return ("length" if len(generated) >= cap else None), step[len(partial) :]
+
+    def _keep(
+        self, seq_id: str, token_ids: list[int], cache: DynamicCache, mask: torch.Tensor, j: int
+    ) -> None:
+        """Hold active row j's cache (its unpadded positions, copied) under `seq_id`."""
+        if self.cache.capacity_tokens == 0:
+            return
+        valid = mask.bool()  # [S]: this row's real positions in the batch cache
+        keys = tuple(layer.keys[j][:, valid] for layer in cache.layers)  # [kv_heads, n, head_dim]
+        values = tuple(layer.values[j][:, valid] for layer in cache.layers)
+        self.cache.put(seq_id, CachedSequence(tuple(token_ids), keys, values))
+
+    def _forward(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """Next-token logits [b, V] (fp32) for the last position of each row; grows `cache`."""
+        self.forward_passes += 1
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+
+def _token_cap(request: ExtendRequest) -> int:
+    cap = request.sampling.max_step_tokens
+    return cap if request.max_new_tokens is None else min(cap, request.max_new_tokens)
+
+
+def _as_list(x: int | list[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return [x] if isinstance(x, int) else list(x)

@@ -1,0 +1,613 @@
+"""The reward worker: process-reward scores for every step of many partial solutions at once.
+
+Three PRM families (ALGORITHMS.md, "PRM families"); each turns a request into one text with one
+*scoring token* per step, and reads the step's reward off the model's output at that token:
+
+    qwen_prm       [chat: system + user = problem + assistant turn opened] or [problem + "\\n"],
+                   then  step_1.rstrip() <extra_0> step_2.rstrip() <extra_0> ...
+                   reward = softmax(2-label head)[positive_label] at each <extra_0>
+    math_shepherd  problem + " " + step_1.rstrip() + " ки" + step_1's trailing whitespace + ...
+                   reward = softmax(logits of "+", "-")[0] at each "ки" (the position whose
+                   next-token prediction is the label)
+    outcome        [chat or plain head as for qwen_prm] + step_1 + step_2 + ... (verbatim)
+                   reward of step i = the classifier's score of the answer through step i,
+                   read at step i's last token: sigmoid (1 label) or softmax[positive_label]
+
+Why trailing whitespace is stripped before a separator: the Qwen PRM recipe splits a solution on
+"\\n\\n" and joins the stripped steps with <extra_0>, so the model never saw whitespace before a
+separator; Math-Shepherd's training data is "Step 1: ... ки\\nStep 2: ... ки", so the tag goes
+right after the text and the step's own newlines follow it.
+
+Why the outcome family scores every prefix: a causal classifier pools the last token, so the
+hidden state at step i's last token *is* the classifier's view of the answer so far (exactly what
+`model(prefix_i).logits` gives; the end-of-turn marker a chat template would append is left out,
+as for the other families). One forward gives all prefixes' scores, they extend incrementally like
+a PRM's, and the newest step's reward is the whole partial answer's score (`last` aggregation
+works as an ORM should; `min`/`prod` become meaningful too). Caveat: an ORM trained to be read
+at an end-of-turn token sees unfinished answers without one; their scores are its extrapolation.
+
+Separator text inside the problem or a step is removed before rendering (it is the PRM's "score
+here" marker); text that still tokenizes to the separator token is refused with a ValueError that
+names the request, so rewards can never shift onto the wrong steps.
+
+Incremental scoring: under causal attention a scoring token's output depends only on the tokens
+before it, so the worker encodes each text only up to its last scoring token (a chat template's
+end-of-turn suffix is never encoded) and keeps, per `seq_id`, that token prefix, its KV cache and
+its rewards. A request whose held parent has a prefix of its steps (and of its tokens) encodes
+only the new tokens and reuses the parent's rewards; anything else is rescored in full, which is
+always correct, only slower. A parent must come from an earlier call.
+
+Batch layout of the one forward per call (B rows, P = longest cached part, F = longest new part):
+
+    cache  [B, kv_heads, P, head_dim]   row i: zeros, then its c_i cached positions (right-aligned)
+    input  [B, F]                       row i: pad, then its f_i new tokens (right-aligned)
+    mask   [B, P + F]                   0 0 1 1 1 | 0 0 0 1 1
+    pos    [B, F]                       cumsum(mask) - 1: each token's position in its own sequence
+"""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.cache_utils import DynamicLayer
+
+from lodestar.workers.messages import Prompt, ScoreRequest, StepScores
+
+PRMFamily = Literal["qwen_prm", "math_shepherd", "outcome"]
+FAMILIES: tuple[PRMFamily, ...] = ("qwen_prm", "math_shepherd", "outcome")
+DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+DEFAULT_SEPARATORS: dict[PRMFamily, str | None] = {
+    "qwen_prm": "<extra_0>",
+    "math_shepherd": " ки",
+    "outcome": None,
+}
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_AUTO_CLASSES = {
+    "qwen_prm": AutoModelForTokenClassification,
+    "math_shepherd": AutoModelForCausalLM,
+    "outcome": AutoModelForSequenceClassification,
+}
+_STEPS_PLACEHOLDER = "\ue000LODESTAR-STEPS\ue000"
+"""Assistant content rendered through the chat template, then cut: what precedes it is the head."""
+
+
+class PRMLoadError(RuntimeError):
+    """A PRM directory is missing, unloadable, or does not hold the family's model; names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class PRMConfig:
+    """How to turn a partial solution into PRM input and read rewards back; validated once here.
+
+    `separator` is the text put after each step (qwen_prm: a special token; math_shepherd: the tag,
+    whose last token is the scoring token); None takes the family's default, outcome has none.
+    `system_prompt` is used on the chat path only (qwen_prm and outcome when the tokenizer has a
+    template and `use_chat_template`); math_shepherd input is always plain text.
+    `label_tokens` are math_shepherd's (good, bad) label strings; `positive_label` is the index of
+    "good" in a 2-label head (qwen_prm, 2-label outcome).
+    """
+
+    family: PRMFamily
+    separator: str | None = None
+    label_tokens: tuple[str, str] = ("+", "-")
+    system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
+    positive_label: int = 1
+    use_chat_template: bool = True
+    cache_tokens: int = 65_536
+    """Token budget of the prefix store (LRU); 0 disables it (every request is scored in full)."""
+    device: str | None = None
+    """None: the first CUDA device when available, else the CPU."""
+    dtype: str | None = None
+    """"bf16" / "fp16" / "fp32"; None: bf16 on CUDA, fp32 on the CPU. Rewards are fp32 anyway."""
+    trust_remote_code: bool = False
+    """Run a directory's own modeling code (`auto_map`), as Qwen2.5-Math-PRM-7B needs."""
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown PRM family {self.family!r}; expected one of {FAMILIES}")
+        if self.separator is None:
+            object.__setattr__(self, "separator", DEFAULT_SEPARATORS[self.family])
+        elif self.family == "outcome":
+            raise ValueError("the outcome family scores prefixes and takes no separator")
+        if self.separator is not None and not self.separator.strip():
+            raise ValueError(f"separator {self.separator!r} is blank")
+        if self.positive_label not in (0, 1):
+            raise ValueError(f"positive_label must be 0 or 1, got {self.positive_label}")
+        if self.cache_tokens < 0:
+            raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
+        if self.dtype is not None and self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
+
+
+# -- loading (isolated: the one place that touches from_pretrained) ---------------------------
+
+
+def load_prm(
+    path: str | Path, config: PRMConfig
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """The tokenizer and the family's model (eval mode, on the chosen device) from directory `path`.
+
+    A directory that declares custom code (`auto_map`) loads through it when `trust_remote_code`
+    is set. Any head weight missing from the checkpoint is an error: transformers would initialise
+    it randomly and every reward would be noise (a causal LM loaded as a token classifier, say).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PRMLoadError(f"not a Hugging Face model directory (no config.json): {path}")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = (
+        _DTYPES[config.dtype]
+        if config.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
+    auto_map = json.loads((path / "config.json").read_text()).get("auto_map", {})
+    auto_cls = _AUTO_CLASSES[config.family]
+    if config.trust_remote_code and auto_map:
+        auto_cls = auto_cls if auto_cls.__name__ in auto_map else AutoModel
+    try:
+        tokenizer = _load_tokenizer(path, config.trust_remote_code)
+        model, info = auto_cls.from_pretrained(
+            path,
+            dtype=dtype,
+            local_files_only=True,
+            trust_remote_code=config.trust_remote_code,
+            output_loading_info=True,
+        )
+    except Exception as e:  # whatever a broken directory makes transformers raise
+        raise PRMLoadError(f"cannot load a {config.family} PRM from {path}: {e}") from e
+    if info["missing_keys"]:
+        hint = (
+            f"; it declares custom code ({auto_map}): pass trust_remote_code=True"
+            if auto_map and not config.trust_remote_code
+            else ""
+        )
+        raise PRMLoadError(
+            f"{path} is not a {config.family} PRM for {auto_cls.__name__}: weights "
+            f"{sorted(info['missing_keys'])} are missing from the checkpoint{hint}"
+        )
+    return tokenizer, model.to(device).eval()
+
+
+def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """A generic `tokenizer.json` as written (transformers 5.23 swaps in a family class for some
+    model types, qwen2 among them, and that class rebuilds the pre-tokenizer)."""
+    config_file = path / "tokenizer_config.json"
+    declared = None
+    if config_file.is_file():
+        declared = json.loads(config_file.read_text()).get("tokenizer_class")
+    if declared in {"TokenizersBackend", "PreTrainedTokenizerFast"}:
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
+    return AutoTokenizer.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+
+
+# -- the prefix store -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredPrefix:
+    """What a scored sequence leaves behind: its steps and rewards, the tokens encoded for them
+    (through the last scoring token), and per layer their keys/values `[kv_heads, n, head_dim]`."""
+
+    steps: tuple[str, ...]
+    token_ids: tuple[int, ...]
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    rewards: tuple[float, ...]
+
+
+class PrefixStore:
+    """seq_id -> `ScoredPrefix`, evicting least recently used entries beyond a token budget.
+
+    Entries are read-only: a child copies its parent's tensors into the batch, so one parent can
+    seed any number of children (forks) and stays held for the rest.
+    """
+
+    def __init__(self, capacity_tokens: int) -> None:
+        self.capacity_tokens = capacity_tokens
+        self._entries: OrderedDict[str, ScoredPrefix] = OrderedDict()
+        self.tokens = self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, seq_id: object) -> bool:
+        return seq_id in self._entries
+
+    def lookup(
+        self, parent_id: str, steps: tuple[str, ...], token_ids: Sequence[int]
+    ) -> ScoredPrefix | None:
+        """The parent's entry when its steps and tokens are prefixes of the child's, else None."""
+        held = self._entries.get(parent_id)
+        if (
+            held is None
+            or steps[: len(held.steps)] != held.steps
+            or tuple(token_ids[: len(held.token_ids)]) != held.token_ids
+        ):
+            self.misses += 1
+            return None
+        self._entries.move_to_end(parent_id)
+        self.hits += 1
+        return held
+
+    def put(self, seq_id: str, entry: ScoredPrefix) -> None:
+        """Hold `entry` (replacing any old one under `seq_id`), then evict LRU entries to fit."""
+        self.release([seq_id])
+        if not 0 < len(entry.token_ids) <= self.capacity_tokens:
+            return
+        self._entries[seq_id] = entry
+        self.tokens += len(entry.token_ids)
+        while self.tokens > self.capacity_tokens:
+            _, old = self._entries.popitem(last=False)
+            self.tokens -= len(old.token_ids)
+            self.evictions += 1
+
+    def release(self, seq_ids: Iterable[str]) -> None:
+        for sid in seq_ids:
+            old = self._entries.pop(sid, None)
+            if old is not None:
+                self.tokens -= len(old.token_ids)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.tokens = 0
+
+
+# -- the worker -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One request on its way through `score`: its tokens, scoring positions and cache hit."""
+
+    request: ScoreRequest
+    token_ids: list[int]
+    """Through the last scoring token; nothing after it is ever encoded."""
+    positions: list[int]
+    """Index in `token_ids` of each step's scoring token."""
+    parent: ScoredPrefix | None
+    rewards: list[float] = field(default_factory=list)
+
+    @property
+    def cached(self) -> int:
+        return 0 if self.parent is None else len(self.parent.token_ids)
+
+    @property
+    def feed(self) -> list[int]:
+        return self.token_ids[self.cached :]
+
+
+class RewardWorker:
+    """Scores every step of many partial solutions in one padded forward per call.
+
+    `score` returns, per request and in order, one reward in [0, 1] per step and the number of
+    tokens it encoded for that request (0 for a request whose steps its parent already covered).
+    """
+
+    def __init__(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PRMConfig
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.device = model.device
+        self.store = PrefixStore(config.cache_tokens)
+        if not tokenizer.is_fast:
+            raise ValueError("the PRM tokenizer must be a fast tokenizer (offsets locate steps)")
+        if any(type(x) is not DynamicLayer for x in DynamicCache(config=model.config).layers):
+            raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        self.chat = (
+            config.family != "math_shepherd"
+            and config.use_chat_template
+            and tokenizer.chat_template is not None
+        )
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        sep = config.separator
+        # The scoring token of a separator is the token its last character lands in, e.g. "ки"
+        # for Math-Shepherd's " ки" (a word token after a space in its vocab, as in "x ки").
+        self.separator_id = None if sep is None else self._last_token("x" + sep)
+        self.marker = None if sep is None else sep.strip()
+        if config.family == "qwen_prm" and len(self._encode(sep or "")) != 1:
+            raise ValueError(f"separator {sep!r} is not one token of this tokenizer")
+        self.label_ids = torch.tensor(  # math_shepherd's (good, bad) label token ids
+            [self._last_token(t) for t in config.label_tokens]
+            if config.family == "math_shepherd"
+            else [],
+            dtype=torch.long,
+            device=self.device,
+        )
+        self.num_labels = model.config.num_labels
+        if config.family == "math_shepherd" and model.get_output_embeddings() is None:
+            raise ValueError("math_shepherd needs a causal LM with an output embedding (LM head)")
+        if config.family == "outcome":
+            if not isinstance(getattr(model, "score", None), torch.nn.Module):
+                raise ValueError(
+                    "outcome needs a *ForSequenceClassification model (a `score` head)"
+                )
+            if self.num_labels not in (1, 2):
+                raise ValueError(f"outcome classifier has {self.num_labels} labels; need 1 or 2")
+        self._heads: dict[Prompt, str] = {}
+        self.calls = self.requests = self.forward_passes = self.encoded_tokens = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: PRMConfig) -> RewardWorker:
+        tokenizer, model = load_prm(path, config)
+        return cls(model, tokenizer, config)
+
+    # -- formatting ---------------------------------------------------------------------------
+    def render(self, prompt: Prompt, steps: Sequence[str]) -> tuple[str, list[int]]:
+        """The PRM input text and, per step, the character offset just past its scoring text.
+
+        Separator text inside the problem or a step is removed first: it is the PRM's marker of
+        "score here", and a stray one would put an unlabelled scoring point inside a step.
+        """
+        head = self._head(prompt)
+        sep = self.config.separator or ""
+        pieces, ends, n = [head], [], len(head)
+        for raw in steps:
+            step = self._clean(raw)
+            if self.config.family == "outcome":
+                piece, end = step, len(step)
+            else:
+                body = step.rstrip()
+                piece, end = body + sep, len(body) + len(sep)
+                if self.config.family == "math_shepherd":
+                    piece += step[len(body) :]  # the step's own newlines follow its tag
+            ends.append(n + end)
+            pieces.append(piece)
+            n += len(piece)
+        return "".join(pieces), ends
+
+    def _head(self, prompt: Prompt) -> str:
+        """Everything before the first step: the chat up to the assistant content, or the plain
+        problem and its joiner ("\\n"; Math-Shepherd: " ")."""
+        if prompt in self._heads:
+            return self._heads[prompt]
+        if not self.chat:
+            text = prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
+            head = self._clean(text) + (" " if self.config.family == "math_shepherd" else "\n")
+        else:
+            if isinstance(prompt, str):
+                messages = [{"role": "user", "content": self._clean(prompt)}]
+            else:
+                messages = [{"role": m.role, "content": self._clean(m.content)} for m in prompt]
+            if self.config.system_prompt is not None and all(
+                m["role"] != "system" for m in messages
+            ):
+                messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+            messages.append({"role": "assistant", "content": _STEPS_PLACEHOLDER})
+            rendered = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=False
+            )
+            if _STEPS_PLACEHOLDER not in rendered:
+                raise ValueError("the chat template does not render the assistant's content")
+            head = rendered[: rendered.index(_STEPS_PLACEHOLDER)]
+        if len(self._heads) >= 1024:
+            self._heads.clear()
+        self._heads[prompt] = head
+        return head
+
+    def _clean(self, text: str) -> str:
+        while self.marker and self.marker in text:
+            text = text.replace(self.marker, "")
+        return text
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _last_token(self, text: str) -> int:
+        ids = self._encode(text)
+        if not ids:
+            raise ValueError(f"{text!r} encodes to no tokens")
+        return ids[-1]
+
+    def _plan(self, requests: Sequence[ScoreRequest]) -> list[_Plan]:
+        """Tokenize every request in one call, locate its scoring tokens, look up its parent."""
+        rendered = [self.render(r.prompt, r.steps) for r in requests]
+        enc = self.tokenizer(
+            [text for text, _ in rendered],
+            add_special_tokens=not self.chat,
+            return_offsets_mapping=True,
+        )
+        plans = []
+        for r, (_, ends), ids, offsets in zip(
+            requests, rendered, enc["input_ids"], enc["offset_mapping"], strict=True
+        ):
+            positions = _scoring_positions(offsets, ends)
+            ids = list(ids[: positions[-1] + 1]) if positions else []
+            if self.separator_id is not None:
+                self._check_separators(r, ids, positions)
+            parent = None
+            if r.parent_id is not None and self.store.capacity_tokens > 0:
+                parent = self.store.lookup(r.parent_id, r.steps, ids)
+            plans.append(_Plan(r, ids, positions, parent))
+        return plans
+
+    def _check_separators(self, r: ScoreRequest, ids: list[int], positions: list[int]) -> None:
+        """Every step's scoring token is the separator token, and no other token is."""
+        if any(ids[p] != self.separator_id for p in positions):
+            raise ValueError(
+                f"request {r.seq_id!r}: separator {self.config.separator!r} merged with the "
+                "text around it when tokenized; choose a separator the tokenizer keeps whole"
+            )
+        if ids.count(self.separator_id) != len(positions):
+            raise ValueError(
+                f"request {r.seq_id!r}: text other than the step separators tokenizes to the "
+                f"separator token {self.separator_id}"
+            )
+
+    # -- the public API ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        """Rewards for every step of each request, in order; one forward for the whole call."""
+        self.calls += 1
+        self.requests += len(requests)
+        plans = self._plan(requests)
+        for p in plans:
+            if p.parent is not None:
+                p.rewards = list(p.parent.rewards)
+        todo = [p for p in plans if p.feed]
+        if todo:
+            self._forward(todo)
+        outputs = []
+        for p in plans:
+            # An outcome step with no text of its own shares the previous step's scoring token.
+            while len(p.rewards) < len(p.positions):
+                p.rewards.append(p.rewards[-1])
+            tokens = len(p.feed)
+            self.encoded_tokens += tokens
+            if p.positions and not tokens and p.parent is not None:  # the parent's cache as is
+                steps, rewards = p.request.steps, tuple(p.rewards)
+                self.store.put(p.request.seq_id, replace(p.parent, steps=steps, rewards=rewards))
+            outputs.append(StepScores(p.request.seq_id, tuple(p.rewards), tokens))
+        return outputs
+
+    def release(self, seq_ids: Sequence[str]) -> None:
+        """Forget these sequences (their search moved on or ended)."""
+        self.store.release(seq_ids)
+
+    def clear(self) -> None:
+        self.store.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Work done and cache counters, for monitoring and spend accounting (plain ints)."""
+        return {
+            "calls": self.calls,
+            "requests": self.requests,
+            "forward_passes": self.forward_passes,
+            "encoded_tokens": self.encoded_tokens,
+            "hits": self.store.hits,
+            "misses": self.store.misses,
+            "evictions": self.store.evictions,
+            "sequences": len(self.store),
+            "cached_tokens": self.store.tokens,
+            "capacity_tokens": self.store.capacity_tokens,
+        }
+
+    # -- the forward ------------------------------------------------------------------------
+    def _forward(self, plans: list[_Plan]) -> None:
+        """Encode each plan's new tokens on top of its parent's cache, score its new steps, and
+        hold the result under its `seq_id`."""
+        dev, B = self.device, len(plans)
+        P, F = max(p.cached for p in plans), max(len(p.feed) for p in plans)
+
+        # Past: each row's cached keys/values right-aligned in [B, kv_heads, P, head_dim], copied
+        # from the parents' entries (which stay as they are, for their other children).
+        cache = DynamicCache(config=self.model.config)
+        if P > 0:
+            ref = next(p.parent for p in plans if p.parent is not None)
+            past = []
+            for layer in range(len(ref.keys)):
+                H, _, D = ref.keys[layer].shape
+                k = ref.keys[layer].new_zeros(B, H, P, D)
+                v = ref.values[layer].new_zeros(B, H, P, D)
+                for i, p in enumerate(plans):
+                    if p.parent is not None:
+                        k[i, :, P - p.cached :] = p.parent.keys[layer]
+                        v[i, :, P - p.cached :] = p.parent.values[layer]
+                past.append((k, v))
+            cache = DynamicCache(past, config=self.model.config)
+
+        input_ids = torch.full((B, F), self.pad_id, dtype=torch.long)  # [B, F]
+        mask = torch.zeros(B, P + F, dtype=torch.long)  # [B, P + F]
+        rows, cols = [], []  # where each new scoring token sits in `input_ids`
+        for i, p in enumerate(plans):
+            f = len(p.feed)
+            input_ids[i, F - f :] = torch.tensor(p.feed)
+            mask[i, P - p.cached : P] = 1
+            mask[i, P + F - f :] = 1
+            for pos in p.positions[len(p.rewards) :]:
+                if pos >= p.cached:  # else an empty outcome step: copies the previous reward
+                    rows.append(i)
+                    cols.append(F - f + pos - p.cached)
+        input_ids, mask = input_ids.to(dev), mask.to(dev)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [B, F]
+        rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)  # [n]
+
+        self.forward_passes += 1
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        family = self.config.family
+        if family == "qwen_prm":
+            out = self.model(**inputs)
+            logits = out.logits if hasattr(out, "logits") else out[0]  # [B, F, 2]
+            if logits.shape[-1] != 2:
+                raise ValueError(f"qwen_prm head gives {logits.shape[-1]} labels per token, not 2")
+            picked = logits[rows_t, cols_t].float()  # [n, 2]
+            rewards = picked.softmax(-1)[:, self.config.positive_label]  # [n]
+        else:
+            # Heads run on the scoring tokens' hidden states only: an LM head over every
+            # position would be [B, F, vocab], and a sequence classifier pools one token.
+            backbone = getattr(self.model, self.model.base_model_prefix)
+            hidden = backbone(**inputs).last_hidden_state  # [B, F, hidden]
+            picked = hidden[rows_t, cols_t]  # [n, hidden]
+            if family == "math_shepherd":
+                logits = self.model.get_output_embeddings()(picked)  # [n, vocab]
+                good_bad = logits[:, self.label_ids].float()  # [n, 2]
+                rewards = good_bad.softmax(-1)[:, 0]  # [n]
+            else:
+                logits = self.model.score(picked).float()  # [n, num_labels]
+                rewards = (
+                    logits[:, 0].sigmoid()
+                    if self.num_labels == 1
+                    else logits.softmax(-1)[:, self.config.positive_label]
+                )  # [n]
+
+        new = iter(rewards.tolist())
+        for i, p in enumerate(plans):
+            for pos in p.positions[len(p.rewards) :]:
+                p.rewards.append(next(new) if pos >= p.cached else p.rewards[-1])
+            if self.store.capacity_tokens > 0:
+                valid = mask[i].bool()  # [P + F]: this row's real positions in the batch cache
+                keys = tuple(x.keys[i][:, valid] for x in cache.layers)  # [kv_heads, n_i, head_dim]
+                values = tuple(x.values[i][:, valid] for x in cache.layers)
+                entry = ScoredPrefix(
+                    p.request.steps, tuple(p.token_ids), keys, values, tuple(p.rewards)
+                )
+                self.store.put(p.request.seq_id, entry)
+
+
+PRMWorker = RewardWorker
+
+
+def _scoring_positions(offsets: Sequence[tuple[int, int]], ends: Sequence[int]) -> list[int]:
+    """Per character offset in `ends`, the index of the token holding the character before it:
+    the last token that starts before it (so a character split into several byte tokens maps
+    to its final one). Tokens without text (BOS, EOS added by the tokenizer) are skipped."""
+    starts, index = [], []
+    for i, (s, e) in enumerate(offsets):
+        if e > s:
+            starts.append(s)
+            index.append(i)
+    out = []
+    for end in ends:
+        k = bisect_left(starts, end) - 1
+        if k < 0:
+            raise ValueError("a step's scoring text lies before the first token")
+        out.append(index[k])
+    return out
