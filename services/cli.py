@@ -53,8 +53,9 @@ def solve(
         str, typer.Option(help='"verifier", "prm" (the shipped PRM), or a PRM directory.')
     ] = "verifier",
     prm_family: Annotated[
-        str, typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome.")
-    ] = "qwen_prm",
+        str | None,
+        typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
     max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,

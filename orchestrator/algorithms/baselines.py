@@ -17,7 +17,7 @@ budget cannot pay for every sample, the first ones (by index) that it can pay fo
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
@@ -50,12 +50,7 @@ class GreedyParams(SearchParams):
         return value
 
     def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=0.0,
-            top_p=self.top_p,
-            max_step_tokens=self.max_step_tokens,
-            step_delimiter=self.step_delimiter,
-        )
+        return replace(super().sampling(), temperature=0.0)
 
 
 class BestOfNParams(ScoredParams):

@@ -1,0 +1,74 @@
+"""Build the workers a deployment asks for: one place shared by `lodestar solve`, the Ray actors
+and the benchmarks, so every entry point loads models the same way."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lodestar.models import POLICY, PRM, shipped_model_dir
+
+PRM_CONFIG_FILE = "lodestar_prm.json"
+"""Optional file in a PRM directory naming its family and tokens (fields of `PRMConfig`)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    policy: str | Path | None = None
+    """Policy model directory; None: the shipped arithmetic policy."""
+    reward: str | Path = "verifier"
+    """"verifier" (exact step checks), "prm" (the shipped learned PRM) or a PRM directory."""
+    prm_family: str | None = None
+    """PRM family of a directory without a lodestar_prm.json: qwen_prm, math_shepherd, outcome."""
+    device: str | None = None
+    dtype: str | None = None
+    cache_tokens: int = 32_768
+
+
+def policy_dir(config: ModelConfig) -> Path:
+    return Path(config.policy) if config.policy is not None else shipped_model_dir(POLICY)
+
+
+def build_policy(config: ModelConfig) -> Any:
+    from lodestar.workers.policy import PolicyWorker
+
+    path = policy_dir(config)
+    return PolicyWorker.from_pretrained(
+        path, device=config.device, dtype=config.dtype, cache_tokens=config.cache_tokens
+    )
+
+
+def prm_settings(path: Path, family: str | None) -> dict[str, Any]:
+    """PRM config fields from the directory's lodestar_prm.json; an explicit family wins."""
+    settings: dict[str, Any] = {}
+    file = path / PRM_CONFIG_FILE
+    if file.is_file():
+        settings = json.loads(file.read_text())
+    if family is not None:
+        settings["family"] = family
+    if "family" not in settings:
+        raise ValueError(
+            f"{path}: no {PRM_CONFIG_FILE}; say which PRM family it is "
+            "(qwen_prm, math_shepherd or outcome)"
+        )
+    return settings
+
+
+def build_reward(config: ModelConfig) -> Any:
+    if str(config.reward) == "verifier":
+        from lodestar.workers.verifier import VerifierReward
+
+        return VerifierReward()
+    from lodestar.workers.reward import PRMConfig, RewardWorker
+
+    path = shipped_model_dir(PRM) if str(config.reward) == "prm" else Path(config.reward)
+    known = {f.name for f in fields(PRMConfig)}
+    settings = {k: v for k, v in prm_settings(path, config.prm_family).items() if k in known}
+    settings.setdefault("device", config.device)
+    settings.setdefault("dtype", config.dtype)
+    for key in ("label_tokens",):
+        if key in settings:
+            settings[key] = tuple(settings[key])
+    return RewardWorker.from_pretrained(path, PRMConfig(**settings))
