@@ -31,10 +31,10 @@ from pydantic import Field
 
 from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, Selection
 from lodestar.orchestrator.algorithms.expansion import (
-    _survivor_bound,
     candidate,
     choose,
     expand,
+    survivor_bound,
 )
 from lodestar.orchestrator.algorithms.protocols import Policy, Reward
 from lodestar.orchestrator.algorithms.state import (
@@ -142,7 +142,7 @@ def affordable(common: SearchCommon, params: AStarParams, b: int, k: int) -> tup
             per = min(per, (tokens - spend.generated_tokens) // m)
         cost = m
         if er is not None and er.tau < per:  # two-phase: heads plus kept survivors per group
-            cost += _survivor_bound([i for i in range(b) for _ in range(k)], er.keep)
+            cost += survivor_bound([i for i in range(b) for _ in range(k)], er.keep)
         return passes is None or spend.prm_passes + cost <= passes
 
     while b > 1 and not fits(b, k):
@@ -238,13 +238,4 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
         chosen = choose(candidates, state.params.selection)
         if state.solutions:
             candidates += tuple(candidate(t, 0.0) for t in extra)
-        best = None if chosen is None else candidates[chosen]
-        return SearchResult(
-            algorithm=self.name,
-            answer="" if best is None else best.text,
-            final_answer=None if best is None else best.final_answer,
-            candidates=candidates,
-            chosen=chosen,
-            spend=state.common.spend,
-            stop_reason=state.common.stop_reason,
-        )
+        return SearchResult.of(self.name, state.common, candidates, chosen)

@@ -152,16 +152,7 @@ class _IndependentSamples(SearchAlgorithm[Any, Any]):
         weights = self._weights(samples) if samples else []
         candidates = tuple(candidate(t, w) for t, w in zip(samples, weights, strict=True))
         chosen = self._choose(samples, candidates) if candidates else None
-        best = None if chosen is None else candidates[chosen]
-        return SearchResult(
-            algorithm=self.name,
-            answer="" if best is None else best.text,
-            final_answer=None if best is None else best.final_answer,
-            candidates=candidates,
-            chosen=chosen,
-            spend=state.common.spend,
-            stop_reason=state.common.stop_reason,
-        )
+        return SearchResult.of(self.name, state.common, candidates, chosen)
 
 
 def _score(c: Candidate) -> float:

@@ -129,16 +129,7 @@ def _result(
     weights = [(t.score or 0.0) / total if total > 0 else 1.0 / len(pool) for t in pool]
     candidates = tuple(candidate(t, w) for t, w in zip(pool, weights, strict=True))
     chosen = choose(candidates, selection)
-    best = None if chosen is None else candidates[chosen]
-    return SearchResult(
-        algorithm=name,
-        answer="" if best is None else best.text,
-        final_answer=None if best is None else best.final_answer,
-        candidates=candidates,
-        chosen=chosen,
-        spend=common.spend,
-        stop_reason=common.stop_reason,
-    )
+    return SearchResult.of(name, common, candidates, chosen)
 
 
 def _stop_reason(trajectories: Sequence[Trajectory]) -> str:

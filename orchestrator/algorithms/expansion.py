@@ -210,7 +210,7 @@ async def _expand_with_early_rejection(
 ) -> list[Trajectory]:
     n = len(parents)
     groups = list(groups) if groups is not None else [0] * n
-    require_prm_passes(common, n + _survivor_bound(groups, er.keep))
+    require_prm_passes(common, n + survivor_bound(groups, er.keep))
     allowance = _token_allowance(common, n, sampling)
 
     heads = await grow(
@@ -292,7 +292,7 @@ def _kept(count: int, share: float) -> int:
     return 0 if count == 0 else max(1, math.ceil(share * count))
 
 
-def _survivor_bound(groups: Sequence[int], share: float) -> int:
+def survivor_bound(groups: Sequence[int], share: float) -> int:
     sizes: dict[int, int] = {}
     for g in groups:
         sizes[g] = sizes.get(g, 0) + 1

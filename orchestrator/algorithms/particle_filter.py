@@ -241,16 +241,7 @@ class ParticleFilter(SearchAlgorithm[ParticleFilterParams, ParticleFilterState])
         weights = candidate_weights(pool, state.params.softmax_temperature)
         candidates = tuple(candidate(t, w) for t, w in zip(pool, weights, strict=True))
         chosen = choose(candidates, state.params.selection)
-        best = None if chosen is None else candidates[chosen]
-        return SearchResult(
-            algorithm=self.name,
-            answer="" if best is None else best.text,
-            final_answer=None if best is None else best.final_answer,
-            candidates=candidates,
-            chosen=chosen,
-            spend=state.common.spend,
-            stop_reason=state.common.stop_reason,
-        )
+        return SearchResult.of(self.name, state.common, candidates, chosen)
 
 
 class EntropicParticleFilter(ParticleFilter):

@@ -156,3 +156,23 @@ class SearchResult:
     """Index of the chosen candidate (None when there is no candidate)."""
     spend: Spend
     stop_reason: str
+
+    @classmethod
+    def of(
+        cls,
+        algorithm: str,
+        common: SearchCommon,
+        candidates: tuple[Candidate, ...],
+        chosen: int | None,
+    ) -> SearchResult:
+        """The result of a search whose candidates are ranked and whose choice is made."""
+        best = None if chosen is None else candidates[chosen]
+        return cls(
+            algorithm=algorithm,
+            answer="" if best is None else best.text,
+            final_answer=None if best is None else best.final_answer,
+            candidates=candidates,
+            chosen=chosen,
+            spend=common.spend,
+            stop_reason=common.stop_reason,
+        )
