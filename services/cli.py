@@ -63,9 +63,8 @@ def solve(
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
 ) -> None:
     """Run one search in this process and print the answer and what it spent."""
-    from lodestar.orchestrator.algorithms.base import run_search
     from lodestar.orchestrator.algorithms.registry import ParamError, start_search
-    from lodestar.orchestrator.inprocess import LocalPolicy, LocalReward
+    from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
     from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 
     params = _parse_param(param or [])
@@ -73,22 +72,19 @@ def solve(
         target = params.setdefault("inner_params", {}) if algorithm == "early_rejection" else params
         target.setdefault("n", budget)
     caps = {"max_generated_tokens": max_tokens, "max_prm_passes": max_prm_passes}
-    try:
-        search, state = start_search(
-            algorithm, problem, params, seed, {k: v for k, v in caps.items() if v is not None}
-        )
+    caps = {k: v for k, v in caps.items() if v is not None}
+    job = SearchJob(algorithm, problem, params, seed, caps)
+    try:  # validate before loading any model
+        start_search(job.algorithm, job.problem, job.params, job.seed, job.budget)
     except ParamError as e:
         raise typer.BadParameter(str(e)) from None
 
     config = ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device)
     started = time.perf_counter()
-    policy_worker = build_policy(config)
-    reward_worker = build_reward(config)
+    engine = LocalEngine(build_policy(config), build_reward(config))
     loaded = time.perf_counter()
-    result = asyncio.run(
-        run_search(search, state, LocalPolicy(policy_worker), LocalReward(reward_worker))
-    )
-    wall = time.perf_counter() - loaded
+    finished = asyncio.run(engine.solve(job))
+    result, wall = finished.result, finished.wall_time_s
 
     if as_json:
         doc = dataclasses.asdict(result)

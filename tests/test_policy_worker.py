@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig
 
+from lodestar.workers.batch_cache import pack_batch, save_row
 from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
-from lodestar.workers.loading import ModelLoadError, choose_device, choose_dtype, load_causal_lm
+from lodestar.workers.loading import ModelLoadError, choose_device, choose_dtype, load_model
 from lodestar.workers.messages import ChatMessage, ExtendRequest, SamplingParams, StepOutput
 from lodestar.workers.policy import PolicyWorker, find_step_end, sample_tokens
 from tests.model_factory import save_tiny_model
@@ -272,6 +274,51 @@ def test_store_evicts_least_recently_used_by_token_budget():
         KVCacheStore(-1)
 
 
+def test_store_hits_need_steps_to_be_a_prefix_when_the_owner_asks():
+    kv = (torch.zeros(2, 3, 4),)
+    store = KVCacheStore(capacity_tokens=10)
+    store.put("a", CachedSequence((1, 2, 3), kv, kv, steps=("x", "y"), scores=(0.5, 0.25)))
+    hit = store.fork("a", [1, 2, 3, 4], steps=("x", "y", "z"))
+    assert hit is not None and hit.scores == (0.5, 0.25)
+    assert store.fork("a", [1, 2, 3, 4], steps=("xy", "z")) is None  # same tokens, other steps
+    assert store.fork("a", [1, 2, 3, 4]) is not None  # steps unchecked when not given
+    stats = store.stats()
+    assert (stats.hits, stats.misses, stats.mismatches) == (2, 1, 1)
+
+
+def test_pack_batch_right_aligns_cached_parts_and_save_row_takes_a_row_back():
+    config = LlamaConfig(
+        hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1
+    )
+    H, D = 1, config.hidden_size // 2
+
+    def entry(n: int, fill: float) -> CachedSequence:
+        kv = tuple(torch.full((H, n, D), fill + layer) for layer in range(2))
+        return CachedSequence(tuple(range(n)), kv, kv)
+
+    parents = [entry(3, 1.0), None, entry(2, 5.0)]
+    cached, feeds = [3, 0, 1], [[7], [7, 8, 9], [7, 8]]  # row 2 reuses 1 of its parent's 2 tokens
+    cache, ids, mask, pos = pack_batch(parents, cached, feeds, 0, config, torch.device("cpu"))
+    assert ids.tolist() == [[0, 0, 7], [7, 8, 9], [0, 7, 8]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 1]]
+    assert pos.tolist() == [[2, 2, 3], [0, 1, 2], [0, 1, 2]]
+    k1 = cache.layers[1].keys  # [B, kv_heads, P, head_dim]: layer 1's fill is 1 + the parent's
+    assert k1.shape == (3, H, 3, D) and k1[:, 0, :, 0].tolist() == [[2, 2, 2], [0, 0, 0], [0, 0, 6]]
+
+    store = KVCacheStore(capacity_tokens=100)
+    save_row(store, "r0", range(3), cache, mask[:, :3], 0, steps=("s",), scores=(0.5,))
+    saved = store.fork("r0", range(4))
+    assert saved is not None and saved.cached == 3
+    assert (saved.steps, saved.scores) == (("s",), (0.5,))
+    assert all(torch.equal(a, b) for a, b in zip(saved.keys, parents[0].keys, strict=True))
+    save_row(store, "r2", range(1), cache, mask[:, :3], 2)
+    kept = store.fork("r2", [0])
+    assert kept is not None and kept.cached == 1 and kept.keys[1][0, 0, 0] == 6
+    off = KVCacheStore(0)
+    save_row(off, "r1", range(3), cache, mask, 1)
+    assert len(off) == 0  # caching off: nothing kept
+
+
 def test_evicted_or_released_parent_recomputes_the_same_step(model_dirs):
     w = worker(model_dirs, "llama", cache_tokens=24)
     roots = [req(f"r{i}", seed=i, prompt="1+1=") for i in range(4)]
@@ -315,17 +362,17 @@ def test_chat_template_path_and_plain_path(model_dirs):
 
 def test_loading_errors_name_the_path(tmp_path, model_dirs):
     with pytest.raises(ModelLoadError, match=str(tmp_path / "absent")):
-        load_causal_lm(tmp_path / "absent")
+        load_model(tmp_path / "absent")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelLoadError, match=str(empty)):
-        load_causal_lm(empty)
+        load_model(empty)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ModelLoadError, match=str(broken)):
-        load_causal_lm(broken)
-    _, model = load_causal_lm(model_dirs["llama"])
+        load_model(broken)
+    _, model = load_model(model_dirs["llama"])
     assert model.device == choose_device() and model.dtype == choose_dtype(choose_device())
     assert choose_dtype(torch.device("cuda")) == torch.bfloat16
     assert choose_dtype(torch.device("cpu")) == torch.float32

@@ -14,14 +14,9 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lodestar.workers.loading import ModelLoadError
 from lodestar.workers.messages import ChatMessage, ScoreRequest, StepScores
-from lodestar.workers.reward import (
-    DEFAULT_SYSTEM_PROMPT,
-    PRMConfig,
-    PRMLoadError,
-    RewardWorker,
-    load_prm,
-)
+from lodestar.workers.reward import DEFAULT_SYSTEM_PROMPT, PRMConfig, RewardWorker, load_prm
 from tests.prm_factory import KINDS, QWEN_SEPARATOR, SHEPHERD_TAG, save_tiny_prm
 
 CHAT = {
@@ -216,6 +211,7 @@ def test_missing_mismatched_or_evicted_parent_falls_back_to_full_scoring(prm):
         assert g.tokens == f.tokens, r.seq_id
         assert g.rewards == pytest.approx(f.rewards, abs=1e-4)
     assert w.stats()["misses"] == 3 and w.stats()["hits"] == 0
+    assert w.stats()["mismatches"] == 2  # "a" was held for both; steps, then tokens, differ
 
     (a,) = full.score([req("a", None, STEPS[:2])])
     small = prm("qwen_prm_llama", cache_tokens=a.tokens)  # room for one short sequence only
@@ -337,11 +333,11 @@ def test_config_is_validated_once_at_the_edge():
 
 
 def test_loading_errors_name_the_directory_and_the_fix(tmp_path, prm_dirs):
-    with pytest.raises(PRMLoadError, match=r"no config\.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_prm(tmp_path / "absent", PRMConfig("qwen_prm"))
-    with pytest.raises(PRMLoadError, match=r"missing from the checkpoint$"):
+    with pytest.raises(ModelLoadError, match=r"missing from the checkpoint$"):
         load_prm(prm_dirs["math_shepherd"], PRMConfig("qwen_prm"))  # a causal LM, no 2-label head
-    with pytest.raises(PRMLoadError, match="trust_remote_code=True"):
+    with pytest.raises(ModelLoadError, match="trust_remote_code=True"):
         load_prm(prm_dirs["qwen_prm_custom"], PRMConfig("qwen_prm"))
     tokenizer, model = load_prm(prm_dirs["outcome_2"], PRMConfig("outcome"))
     assert model.dtype == torch.float32 and not model.training

@@ -1,9 +1,11 @@
-"""Per-sequence KV caches kept between `extend` calls, bounded by total cached tokens (LRU).
+"""Per-sequence KV caches kept between worker calls, bounded by total cached tokens (LRU).
 
 A sequence's entry holds its token ids and, per layer, the keys and values of a prefix of them.
-Entries are never modified after `put`: a child that starts from a parent reads the parent's
-tensors into its own batch (a copy), so any number of children can fork one parent and the parent
-stays held for the rest. Nothing here knows about search algorithms; ids are opaque strings.
+An owner that works in steps (the reward worker) also keeps the steps and one score per step, and
+then needs the steps, not only the tokens, to be a prefix for a hit. Entries are never modified
+after `put`: a child that starts from a parent reads the parent's tensors into its own batch (a
+copy), so any number of children can fork one parent and the parent stays held for the rest.
+Nothing here knows about search algorithms; ids are opaque strings.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class CachedSequence:
     token_ids: tuple[int, ...]
     keys: tuple[torch.Tensor, ...]
     values: tuple[torch.Tensor, ...]
+    steps: tuple[str, ...] = ()
+    """The steps the tokens render, for owners whose hits must extend them (else empty)."""
+    scores: tuple[float, ...] = ()
+    """One value per step the owner keeps with the cache (the reward worker's rewards)."""
 
     @property
     def cached(self) -> int:
@@ -40,7 +46,8 @@ class CacheStats:
     """Lookups of a named parent that found nothing usable: absent (never held, evicted) or
     mismatched. Requests without a parent are not lookups."""
     mismatches: int
-    """Misses where the parent was held but its tokens were not a prefix of the request's."""
+    """Misses where the parent was held but its tokens (or steps) were not a prefix of the
+    request's."""
     evictions: int
     sequences: int
     cached_tokens: int
@@ -72,8 +79,11 @@ class KVCacheStore:
     def cached_tokens(self) -> int:
         return self._tokens
 
-    def fork(self, parent_id: str, token_ids: Sequence[int]) -> CachedSequence | None:
-        """The parent's entry if its tokens are a prefix of `token_ids` (the child's), else None.
+    def fork(
+        self, parent_id: str, token_ids: Sequence[int], steps: Sequence[str] | None = None
+    ) -> CachedSequence | None:
+        """The parent's entry if its tokens are a prefix of `token_ids` (the child's) and, when
+        `steps` is given, its steps a prefix of `steps`; else None.
 
         Counts a hit or a miss and marks the parent recently used. The entry is shared, read-only:
         the caller copies what it needs (building a batch does), so one parent can seed many
@@ -84,7 +94,11 @@ class KVCacheStore:
             self.misses += 1
             return None
         held = entry.token_ids
-        if len(held) > len(token_ids) or tuple(token_ids[: len(held)]) != held:
+        if (
+            len(held) > len(token_ids)
+            or tuple(token_ids[: len(held)]) != held
+            or (steps is not None and tuple(steps[: len(entry.steps)]) != entry.steps)
+        ):
             self.misses += 1
             self.mismatches += 1
             return None

@@ -5,14 +5,8 @@ cache is held (and whose tokens extend the parent's) starts from a copy of that 
 only what the cache lacks; the rest encode their whole prefix. Rows that stop (delimiter, EOS,
 token cap) leave the batch, and their caches are kept under their `seq_id` for their children.
 
-Batch layout of the first forward (B rows, P = longest cached part, F = longest uncached part):
-
-    cache  [B, kv_heads, P, head_dim]   row i: zeros, then its c_i cached positions (right-aligned)
-    input  [B, F]                       row i: pad, then its f_i uncached tokens (right-aligned)
-    mask   [B, P + F]                   0 0 1 1 1 | 0 0 0 1 1   (zeros may sit in the middle)
-    pos    [B, F]                       cumsum(mask) - 1: each token's position in its own sequence
-
-Rotary models (Llama, Qwen2) and absolute-position models (GPT-2) both take explicit positions, so
+The first forward's batch is `batch_cache.pack_batch`'s layout: cached parts right-aligned in a
+[B, kv_heads, P, head_dim] cache, uncached tokens right-aligned after them, explicit positions, so
 a row's logits match an unpadded forward of that row alone (within float rounding).
 
 Tokens: a held sequence keeps the exact token ids it was computed from, and a hit needs them to be
@@ -30,10 +24,10 @@ from pathlib import Path
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicLayer
 
+from lodestar.workers.batch_cache import check_full_attention, pack_batch, save_row
 from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
-from lodestar.workers.loading import load_causal_lm
+from lodestar.workers.loading import load_model
 from lodestar.workers.messages import ExtendRequest, Prompt, StepOutput, StopReason
 
 
@@ -81,10 +75,7 @@ class PolicyWorker:
         self.tokenizer = tokenizer
         self.device = model.device
         self.cache = KVCacheStore(cache_tokens)
-        if any(
-            type(layer) is not DynamicLayer for layer in DynamicCache(config=model.config).layers
-        ):
-            raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        check_full_attention(model.config)
         self.chat = tokenizer.chat_template is not None
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         self.eos_ids = sorted(e for e in eos if e is not None)
@@ -101,7 +92,7 @@ class PolicyWorker:
         dtype: str | torch.dtype | None = None,
         cache_tokens: int = 32_768,
     ) -> PolicyWorker:
-        tokenizer, model = load_causal_lm(path, device=device, dtype=dtype)
+        tokenizer, model = load_model(path, device=device, dtype=dtype)
         return cls(model, tokenizer, cache_tokens=cache_tokens)
 
     # -- formatting -------------------------------------------------------------------------
@@ -187,34 +178,11 @@ class PolicyWorker:
             feeds.append(ids[c:])
             # New prefix text only: re-feeding the parent's own sampled token is generation work.
             prompt_tokens.append(len(ids) - (0 if entry is None else len(entry.token_ids)))
-        P, F = max(cached), max(map(len, feeds))
         self.prompt_tokens += sum(prompt_tokens)
-
-        # Past: each row's cached keys/values right-aligned in [B, kv_heads, P, head_dim] (a copy:
-        # the parents' entries stay as they are, for their other children).
-        cache = DynamicCache(config=self.model.config)
-        if P > 0:
-            ref = next(e for e in parents if e is not None)
-            past = []
-            for layer in range(len(ref.keys)):
-                H, _, D = ref.keys[layer].shape
-                k = ref.keys[layer].new_zeros(B, H, P, D)
-                v = ref.values[layer].new_zeros(B, H, P, D)
-                for i, (e, c) in enumerate(zip(parents, cached, strict=True)):
-                    if e is not None and c > 0:
-                        k[i, :, P - c :] = e.keys[layer][:, :c]
-                        v[i, :, P - c :] = e.values[layer][:, :c]
-                past.append((k, v))
-            cache = DynamicCache(past, config=self.model.config)
-
-        input_ids = torch.full((B, F), self.pad_id, dtype=torch.long)  # [B, F]
-        mask = torch.zeros(B, P + F, dtype=torch.long)  # [B, P + F]
-        for i, (c, feed) in enumerate(zip(cached, feeds, strict=True)):
-            input_ids[i, F - len(feed) :] = torch.tensor(feed)
-            mask[i, P - c : P] = 1
-            mask[i, P + F - len(feed) :] = 1
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [B, F]
+        # cache [B, kv_heads, P, head_dim], input_ids [B, F], mask [B, P + F], pos [B, F]
+        cache, input_ids, mask, pos = pack_batch(
+            parents, cached, feeds, self.pad_id, self.model.config, dev
+        )
 
         # Row i's t-th token uses the t-th uniform of Generator(seed_i), drawn on the CPU so a
         # seed means the same draws on any device and in any batch.
@@ -243,7 +211,8 @@ class PolicyWorker:
                 stop, texts[i] = self._advance(requests[i], generated[i], token, caps[i])
                 if stop is not None:
                     stops[i] = stop
-                    self._keep(requests[i].seq_id, prefixes[i] + generated[i], cache, mask[j], j)
+                    tokens = prefixes[i] + generated[i]
+                    save_row(self.cache, requests[i].seq_id, tokens, cache, mask, j)
                     done.append(j)
             if len(done) == len(rows):
                 break
@@ -292,17 +261,6 @@ class PolicyWorker:
         if end is not None:
             return "delimiter", step[len(partial) : end]
         return ("length" if len(generated) >= cap else None), step[len(partial) :]
-
-    def _keep(
-        self, seq_id: str, token_ids: list[int], cache: DynamicCache, mask: torch.Tensor, j: int
-    ) -> None:
-        """Hold active row j's cache (its unpadded positions, copied) under `seq_id`."""
-        if self.cache.capacity_tokens == 0:
-            return
-        valid = mask.bool()  # [S]: this row's real positions in the batch cache
-        keys = tuple(layer.keys[j][:, valid] for layer in cache.layers)  # [kv_heads, n, head_dim]
-        values = tuple(layer.values[j][:, valid] for layer in cache.layers)
-        self.cache.put(seq_id, CachedSequence(tuple(token_ids), keys, values))
 
     def _forward(
         self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: DynamicCache

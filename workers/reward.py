@@ -37,38 +37,30 @@ its rewards. A request whose held parent has a prefix of its steps (and of its t
 only the new tokens and reuses the parent's rewards; anything else is rescored in full, which is
 always correct, only slower. A parent must come from an earlier call.
 
-Batch layout of the one forward per call (B rows, P = longest cached part, F = longest new part):
-
-    cache  [B, kv_heads, P, head_dim]   row i: zeros, then its c_i cached positions (right-aligned)
-    input  [B, F]                       row i: pad, then its f_i new tokens (right-aligned)
-    mask   [B, P + F]                   0 0 1 1 1 | 0 0 0 1 1
-    pos    [B, F]                       cumsum(mask) - 1: each token's position in its own sequence
+The one forward per call uses `batch_cache.pack_batch`'s layout, as the policy worker does; the
+prefix store is the policy's `KVCacheStore`, with each entry's steps and rewards beside its tensors.
 """
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_left
-from collections import OrderedDict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from transformers import (
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
-    AutoTokenizer,
-    DynamicCache,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
-from transformers.cache_utils import DynamicLayer
 
+from lodestar.workers.batch_cache import check_full_attention, pack_batch, save_row
+from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
+from lodestar.workers.loading import DTYPES, load_model
 from lodestar.workers.messages import Prompt, ScoreRequest, StepScores
 
 PRMFamily = Literal["qwen_prm", "math_shepherd", "outcome"]
@@ -79,7 +71,6 @@ DEFAULT_SEPARATORS: dict[PRMFamily, str | None] = {
     "math_shepherd": " ки",
     "outcome": None,
 }
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _AUTO_CLASSES = {
     "qwen_prm": AutoModelForTokenClassification,
     "math_shepherd": AutoModelForCausalLM,
@@ -87,10 +78,6 @@ _AUTO_CLASSES = {
 }
 _STEPS_PLACEHOLDER = "\ue000LODESTAR-STEPS\ue000"
 """Assistant content rendered through the chat template, then cut: what precedes it is the head."""
-
-
-class PRMLoadError(RuntimeError):
-    """A PRM directory is missing, unloadable, or does not hold the family's model; names it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,143 +120,23 @@ class PRMConfig:
             raise ValueError(f"positive_label must be 0 or 1, got {self.positive_label}")
         if self.cache_tokens < 0:
             raise ValueError(f"cache_tokens must be >= 0, got {self.cache_tokens}")
-        if self.dtype is not None and self.dtype not in _DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
-
-
-# -- loading (isolated: the one place that touches from_pretrained) ---------------------------
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
 
 
 def load_prm(
     path: str | Path, config: PRMConfig
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """The tokenizer and the family's model (eval mode, on the chosen device) from directory `path`.
-
-    A directory that declares custom code (`auto_map`) loads through it when `trust_remote_code`
-    is set. Any head weight missing from the checkpoint is an error: transformers would initialise
-    it randomly and every reward would be noise (a causal LM loaded as a token classifier, say).
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise PRMLoadError(f"not a Hugging Face model directory (no config.json): {path}")
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = (
-        _DTYPES[config.dtype]
-        if config.dtype
-        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    """The tokenizer and the family's model (eval mode, on the chosen device) from directory `path`;
+    `loading.load_model` refuses a checkpoint that lacks the family's head weights."""
+    return load_model(
+        path,
+        _AUTO_CLASSES[config.family],
+        device=config.device,
+        dtype=config.dtype,
+        trust_remote_code=config.trust_remote_code,
+        what=f"{config.family} PRM",
     )
-    auto_map = json.loads((path / "config.json").read_text()).get("auto_map", {})
-    auto_cls = _AUTO_CLASSES[config.family]
-    if config.trust_remote_code and auto_map:
-        auto_cls = auto_cls if auto_cls.__name__ in auto_map else AutoModel
-    try:
-        tokenizer = _load_tokenizer(path, config.trust_remote_code)
-        model, info = auto_cls.from_pretrained(
-            path,
-            dtype=dtype,
-            local_files_only=True,
-            trust_remote_code=config.trust_remote_code,
-            output_loading_info=True,
-        )
-    except Exception as e:  # whatever a broken directory makes transformers raise
-        raise PRMLoadError(f"cannot load a {config.family} PRM from {path}: {e}") from e
-    if info["missing_keys"]:
-        hint = (
-            f"; it declares custom code ({auto_map}): pass trust_remote_code=True"
-            if auto_map and not config.trust_remote_code
-            else ""
-        )
-        raise PRMLoadError(
-            f"{path} is not a {config.family} PRM for {auto_cls.__name__}: weights "
-            f"{sorted(info['missing_keys'])} are missing from the checkpoint{hint}"
-        )
-    return tokenizer, model.to(device).eval()
-
-
-def _load_tokenizer(path: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    """A generic `tokenizer.json` as written (transformers 5.23 swaps in a family class for some
-    model types, qwen2 among them, and that class rebuilds the pre-tokenizer)."""
-    config_file = path / "tokenizer_config.json"
-    declared = None
-    if config_file.is_file():
-        declared = json.loads(config_file.read_text()).get("tokenizer_class")
-    if declared in {"TokenizersBackend", "PreTrainedTokenizerFast"}:
-        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return AutoTokenizer.from_pretrained(
-        path, local_files_only=True, trust_remote_code=trust_remote_code
-    )
-
-
-# -- the prefix store -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ScoredPrefix:
-    """What a scored sequence leaves behind: its steps and rewards, the tokens encoded for them
-    (through the last scoring token), and per layer their keys/values `[kv_heads, n, head_dim]`."""
-
-    steps: tuple[str, ...]
-    token_ids: tuple[int, ...]
-    keys: tuple[torch.Tensor, ...]
-    values: tuple[torch.Tensor, ...]
-    rewards: tuple[float, ...]
-
-
-class PrefixStore:
-    """seq_id -> `ScoredPrefix`, evicting least recently used entries beyond a token budget.
-
-    Entries are read-only: a child copies its parent's tensors into the batch, so one parent can
-    seed any number of children (forks) and stays held for the rest.
-    """
-
-    def __init__(self, capacity_tokens: int) -> None:
-        self.capacity_tokens = capacity_tokens
-        self._entries: OrderedDict[str, ScoredPrefix] = OrderedDict()
-        self.tokens = self.hits = self.misses = self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, seq_id: object) -> bool:
-        return seq_id in self._entries
-
-    def lookup(
-        self, parent_id: str, steps: tuple[str, ...], token_ids: Sequence[int]
-    ) -> ScoredPrefix | None:
-        """The parent's entry when its steps and tokens are prefixes of the child's, else None."""
-        held = self._entries.get(parent_id)
-        if (
-            held is None
-            or steps[: len(held.steps)] != held.steps
-            or tuple(token_ids[: len(held.token_ids)]) != held.token_ids
-        ):
-            self.misses += 1
-            return None
-        self._entries.move_to_end(parent_id)
-        self.hits += 1
-        return held
-
-    def put(self, seq_id: str, entry: ScoredPrefix) -> None:
-        """Hold `entry` (replacing any old one under `seq_id`), then evict LRU entries to fit."""
-        self.release([seq_id])
-        if not 0 < len(entry.token_ids) <= self.capacity_tokens:
-            return
-        self._entries[seq_id] = entry
-        self.tokens += len(entry.token_ids)
-        while self.tokens > self.capacity_tokens:
-            _, old = self._entries.popitem(last=False)
-            self.tokens -= len(old.token_ids)
-            self.evictions += 1
-
-    def release(self, seq_ids: Iterable[str]) -> None:
-        for sid in seq_ids:
-            old = self._entries.pop(sid, None)
-            if old is not None:
-                self.tokens -= len(old.token_ids)
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self.tokens = 0
 
 
 # -- the worker -------------------------------------------------------------------------------
@@ -284,12 +151,13 @@ class _Plan:
     """Through the last scoring token; nothing after it is ever encoded."""
     positions: list[int]
     """Index in `token_ids` of each step's scoring token."""
-    parent: ScoredPrefix | None
+    parent: CachedSequence | None
+    """The parent's entry: tokens cached through its last scoring token; `scores`: its rewards."""
     rewards: list[float] = field(default_factory=list)
 
     @property
     def cached(self) -> int:
-        return 0 if self.parent is None else len(self.parent.token_ids)
+        return 0 if self.parent is None else self.parent.cached
 
     @property
     def feed(self) -> list[int]:
@@ -310,11 +178,10 @@ class RewardWorker:
         self.tokenizer = tokenizer
         self.config = config
         self.device = model.device
-        self.store = PrefixStore(config.cache_tokens)
+        self.store = KVCacheStore(config.cache_tokens)
         if not tokenizer.is_fast:
             raise ValueError("the PRM tokenizer must be a fast tokenizer (offsets locate steps)")
-        if any(type(x) is not DynamicLayer for x in DynamicCache(config=model.config).layers):
-            raise ValueError("only full-attention models are supported (no sliding-window layers)")
+        check_full_attention(model.config)
         self.chat = (
             config.family != "math_shepherd"
             and config.use_chat_template
@@ -439,7 +306,7 @@ class RewardWorker:
                 self._check_separators(r, ids, positions)
             parent = None
             if r.parent_id is not None and self.store.capacity_tokens > 0:
-                parent = self.store.lookup(r.parent_id, r.steps, ids)
+                parent = self.store.fork(r.parent_id, ids, r.steps)
             plans.append(_Plan(r, ids, positions, parent))
         return plans
 
@@ -465,7 +332,7 @@ class RewardWorker:
         plans = self._plan(requests)
         for p in plans:
             if p.parent is not None:
-                p.rewards = list(p.parent.rewards)
+                p.rewards = list(p.parent.scores)
         todo = [p for p in plans if p.feed]
         if todo:
             self._forward(todo)
@@ -478,7 +345,7 @@ class RewardWorker:
             self.encoded_tokens += tokens
             if p.positions and not tokens and p.parent is not None:  # the parent's cache as is
                 steps, rewards = p.request.steps, tuple(p.rewards)
-                self.store.put(p.request.seq_id, replace(p.parent, steps=steps, rewards=rewards))
+                self.store.put(p.request.seq_id, replace(p.parent, steps=steps, scores=rewards))
             outputs.append(StepScores(p.request.seq_id, tuple(p.rewards), tokens))
         return outputs
 
@@ -492,56 +359,34 @@ class RewardWorker:
     def stats(self) -> dict[str, int]:
         """Work done and cache counters, for monitoring and spend accounting (plain ints)."""
         return {
+            **asdict(self.store.stats()),
             "calls": self.calls,
             "requests": self.requests,
             "forward_passes": self.forward_passes,
             "encoded_tokens": self.encoded_tokens,
-            "hits": self.store.hits,
-            "misses": self.store.misses,
-            "evictions": self.store.evictions,
-            "sequences": len(self.store),
-            "cached_tokens": self.store.tokens,
-            "capacity_tokens": self.store.capacity_tokens,
         }
 
     # -- the forward ------------------------------------------------------------------------
     def _forward(self, plans: list[_Plan]) -> None:
         """Encode each plan's new tokens on top of its parent's cache, score its new steps, and
         hold the result under its `seq_id`."""
-        dev, B = self.device, len(plans)
-        P, F = max(p.cached for p in plans), max(len(p.feed) for p in plans)
-
-        # Past: each row's cached keys/values right-aligned in [B, kv_heads, P, head_dim], copied
-        # from the parents' entries (which stay as they are, for their other children).
-        cache = DynamicCache(config=self.model.config)
-        if P > 0:
-            ref = next(p.parent for p in plans if p.parent is not None)
-            past = []
-            for layer in range(len(ref.keys)):
-                H, _, D = ref.keys[layer].shape
-                k = ref.keys[layer].new_zeros(B, H, P, D)
-                v = ref.values[layer].new_zeros(B, H, P, D)
-                for i, p in enumerate(plans):
-                    if p.parent is not None:
-                        k[i, :, P - p.cached :] = p.parent.keys[layer]
-                        v[i, :, P - p.cached :] = p.parent.values[layer]
-                past.append((k, v))
-            cache = DynamicCache(past, config=self.model.config)
-
-        input_ids = torch.full((B, F), self.pad_id, dtype=torch.long)  # [B, F]
-        mask = torch.zeros(B, P + F, dtype=torch.long)  # [B, P + F]
+        dev = self.device
+        # cache [B, kv_heads, P, head_dim], input_ids [B, F], mask [B, P + F], position_ids [B, F]
+        cache, input_ids, mask, position_ids = pack_batch(
+            [p.parent for p in plans],
+            [p.cached for p in plans],
+            [p.feed for p in plans],
+            self.pad_id,
+            self.model.config,
+            dev,
+        )
+        F = input_ids.shape[1]
         rows, cols = [], []  # where each new scoring token sits in `input_ids`
         for i, p in enumerate(plans):
-            f = len(p.feed)
-            input_ids[i, F - f :] = torch.tensor(p.feed)
-            mask[i, P - p.cached : P] = 1
-            mask[i, P + F - f :] = 1
             for pos in p.positions[len(p.rewards) :]:
                 if pos >= p.cached:  # else an empty outcome step: copies the previous reward
                     rows.append(i)
-                    cols.append(F - f + pos - p.cached)
-        input_ids, mask = input_ids.to(dev), mask.to(dev)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # [B, F]
+                    cols.append(F - len(p.feed) + pos - p.cached)
         rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)  # [n]
 
         self.forward_passes += 1
@@ -582,14 +427,8 @@ class RewardWorker:
         for i, p in enumerate(plans):
             for pos in p.positions[len(p.rewards) :]:
                 p.rewards.append(next(new) if pos >= p.cached else p.rewards[-1])
-            if self.store.capacity_tokens > 0:
-                valid = mask[i].bool()  # [P + F]: this row's real positions in the batch cache
-                keys = tuple(x.keys[i][:, valid] for x in cache.layers)  # [kv_heads, n_i, head_dim]
-                values = tuple(x.values[i][:, valid] for x in cache.layers)
-                entry = ScoredPrefix(
-                    p.request.steps, tuple(p.token_ids), keys, values, tuple(p.rewards)
-                )
-                self.store.put(p.request.seq_id, entry)
+            seq_id, steps = p.request.seq_id, p.request.steps
+            save_row(self.store, seq_id, p.token_ids, cache, mask, i, steps, p.rewards)
 
 
 PRMWorker = RewardWorker
