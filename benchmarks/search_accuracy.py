@@ -42,7 +42,7 @@ async def _main() -> None:
     parser.add_argument("--algorithms", default="greedy,best_of_n,pf,epf,astar")
     parser.add_argument("--reward", default="verifier", help='"verifier", "prm" or a PRM dir')
     parser.add_argument("--policy", default=None)
-    parser.add_argument("--ops", type=int, default=3, help="operations per problem")
+    parser.add_argument("--ops", type=int, default=Difficulty().ops, help="operations per problem")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--params", default="{}", help='JSON: {"astar": {"k": 4}, ...}')

@@ -38,7 +38,7 @@ def _parse_param(items: list[str]) -> dict[str, Any]:
 
 @app.command()
 def solve(
-    problem: Annotated[str, typer.Argument(help='The problem as a user writes it: "(7+5)*3-4".')],
+    problem: Annotated[str, typer.Argument(help='The problem as a user writes it: "(7+5)*3".')],
     algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
     budget: Annotated[
         int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")

@@ -3,10 +3,14 @@
     python -m lodestar.training.train_policy --out models/arith-policy --minutes 6 --seed 0
 
 Examples are generated training-split problems (`lodestar.tasks.arithmetic`), a mix of 1-4
-operations, each solved leftmost-innermost-first; loss is on the solution and EOS only. The
-learning rate warms up and then stays constant, so a run stopped after N steps (by `--minutes`)
-is bit-identical to `--steps N` with the same seed: the run records N for exact reproduction,
-and `--checkpoint-every` checkpoints are reproducible the same way.
+operations (one count per batch, so little padding), each solved leftmost-innermost-first; loss
+is on the solution and EOS only.
+
+The learning rate warms up, stays constant, and decays linearly to zero over the last
+`decay_frac` of the steps. With `--minutes` the total is fixed when the stable phase has used
+its share of the time budget (T = ceil(S / (1 - decay_frac)) after S steps), so the schedule is
+a function of the step and T alone: `--steps T` with the same seed reproduces the run exactly,
+and the run records T.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from lodestar.tasks.arithmetic import (
 )
 from lodestar.training.char_tokenizer import BOS, build_char_tokenizer
 
-ALPHABET = "0123456789+-*()=. \n\\{}:" + "ABQabdeox"
+ALPHABET = "0123456789+-*()=.,; \n\\{}:" + "ABQabdeosx"
 """Enough for problems, the prompt (`Q:`/`A:`) and `\\boxed{}`; anything else encodes as <unk>."""
 
 CHAT_TEMPLATE = (
@@ -51,9 +55,10 @@ class TrainConfig:
     steps: int | None = None
     """Exact number of optimizer steps; overrides `minutes` (use it to reproduce a run)."""
     seed: int = 0
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 100
+    decay_frac: float = 0.3
     weight_decay: float = 0.1
     hidden: int = 256
     layers: int = 4
@@ -63,7 +68,8 @@ class TrainConfig:
     ops_weights: tuple[float, ...] = (0.1, 0.25, 0.4, 0.25)
     """Probability of 1, 2, 3, ... operations per training problem."""
     max_operand: int = 9
-    bf16: bool = True
+    bf16: bool = False
+    """bf16 autocast: faster only where the CPU has avx512_bf16 (15x slower on AVX2-only ones)."""
     threads: int = 2
     log_every: int = 50
     checkpoint_every: int | None = None
@@ -96,8 +102,9 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFo
     return model
 
 
-def problem_stream(cfg: TrainConfig) -> Iterator[Problem]:
-    """Training-split problems, the number of operations drawn per example from `ops_weights`."""
+def batch_stream(cfg: TrainConfig) -> Iterator[list[Problem]]:
+    """Batches of training-split problems; each batch's number of operations is drawn from
+    `ops_weights`, so its sequences have similar lengths."""
     rng = random.Random(f"train-policy|{cfg.seed}")
     streams = [
         iter_problems(
@@ -106,7 +113,33 @@ def problem_stream(cfg: TrainConfig) -> Iterator[Problem]:
         for k in range(1, len(cfg.ops_weights) + 1)
     ]
     while True:
-        yield next(rng.choices(streams, weights=cfg.ops_weights)[0])
+        stream = rng.choices(streams, weights=cfg.ops_weights)[0]
+        yield [next(stream) for _ in range(cfg.batch_size)]
+
+
+def _stable_end(total: int, decay_frac: float) -> int:
+    return math.floor(total * (1 - decay_frac) + 1e-9)
+
+
+def total_for_stable(stable_steps: int, decay_frac: float) -> int:
+    """The smallest total whose stable phase covers `stable_steps` (steps already taken at the
+    constant rate), so fixing it mid-run changes no step already taken."""
+    total = max(stable_steps, math.floor(stable_steps / (1 - decay_frac)) - 1)
+    while _stable_end(total, decay_frac) < stable_steps:
+        total += 1
+    return total
+
+
+def lr_factor(step: int, total: int | None, cfg: TrainConfig) -> float:
+    """Warmup-stable-decay: linear warmup, constant, then linear decay over the last
+    `decay_frac` of `total` steps (constant while `total` is not known yet)."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if total is None:
+        return warm
+    stable_end = _stable_end(total, cfg.decay_frac)
+    if step < stable_end:
+        return warm
+    return warm * max(0.0, (total - step) / max(1, total - stable_end))
 
 
 def encode_example(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], int]:
@@ -151,6 +184,8 @@ def train(cfg: TrainConfig) -> dict:
     """Train and save to `cfg.out`; returns the run's record (steps, seconds, losses)."""
     if cfg.steps is None and cfg.minutes is None:
         raise ValueError("give --steps or --minutes")
+    if not 0.0 <= cfg.decay_frac < 1.0:
+        raise ValueError(f"decay_frac must be in [0, 1), got {cfg.decay_frac}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
@@ -159,10 +194,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=cfg.weight_decay
     )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps))
-    )
-    stream = problem_stream(cfg)
+    batches = batch_stream(cfg)
     print(f"params {n_params:,}  vocab {len(tokenizer)}  config {asdict(cfg)}", flush=True)
 
     def record(step: int, seconds: float, loss: float) -> dict:
@@ -173,25 +205,27 @@ def train(cfg: TrainConfig) -> dict:
             "train_seconds": round(seconds, 1),
             "final_loss_ema": round(loss, 4),
             "reproduce": f"--seed {cfg.seed} --steps {step}",
+            "steps_per_second": round(step / max(seconds, 1e-9), 3),
         }
 
     model.train()
     start, step, ema = time.perf_counter(), 0, math.nan
-    budget = None if cfg.minutes is None else cfg.minutes * 60
-    while True:
-        elapsed = time.perf_counter() - start
-        if (cfg.steps is not None and step >= cfg.steps) or (
-            cfg.steps is None and budget is not None and elapsed >= budget
-        ):
-            break
-        ids, mask, labels = make_batch(tokenizer, [next(stream) for _ in range(cfg.batch_size)])
+    total = cfg.steps
+    while total is None or step < total:
+        stable_time = None if cfg.minutes is None else cfg.minutes * 60 * (1 - cfg.decay_frac)
+        if total is None and stable_time is not None and time.perf_counter() - start >= stable_time:
+            total = total_for_stable(step, cfg.decay_frac)
+            print(f"stable phase done after {step} steps; training {total} in all", flush=True)
+            continue
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * lr_factor(step, total, cfg)
+        ids, mask, labels = make_batch(tokenizer, next(batches))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
         step += 1
         ema = loss.item() if math.isnan(ema) else 0.98 * ema + 0.02 * loss.item()
         if step % cfg.log_every == 0:
@@ -215,6 +249,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--decay-frac", type=float, default=d.decay_frac)
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--heads", type=int, default=d.heads)
@@ -227,7 +262,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="comma-separated probabilities of 1, 2, ... operations",
     )
     p.add_argument("--max-operand", type=int, default=d.max_operand)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16)")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--checkpoint-every", type=int, default=None)

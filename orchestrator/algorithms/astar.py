@@ -54,6 +54,10 @@ class AStarParams(ScoredParams):
     """Finished solutions wanted: the budget."""
     k: int = Field(4, ge=1, le=64)
     """Candidate next steps sampled per expanded state."""
+    max_expansions: int = Field(1, ge=1, le=64)
+    """Times one state may be expanded. Above 1, a state some of whose k samples duplicated
+    states already seen is reopened (same f) and sampled again with fresh seeds: a low-entropy
+    policy otherwise exhausts the open set before n distinct solutions exist."""
     batch_width: int | None = Field(None, ge=1, le=4096)
     """States expanded per step (B); None: the free solution slots, n - finished (at least 1)."""
     step_cost: StepCost = "zero"
@@ -102,6 +106,8 @@ class AStarState:
     solutions: list[Trajectory] = field(default_factory=list)
     truncated: list[Trajectory] = field(default_factory=list)
     """Successors whose step the token budget cut off: partial states, never solutions."""
+    expanded: dict[str, int] = field(default_factory=dict)
+    """seq_id -> times expanded (for `max_expansions`)."""
     seen: dict[str, str] = field(default_factory=dict)
     """Digest of every state's steps -> the seq_id that first reached it (deduplication).
     Digests, not texts, keep checkpoints linear in the search size; JSON keeps a dict's order."""
@@ -198,6 +204,7 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
                 state.best_closed is None or e.node.score > (state.best_closed.score or 0.0)
             ):
                 state.best_closed = e.node
+        fresh = [0] * b
         for i, child in enumerate(children):
             if child.pruned:
                 continue
@@ -205,6 +212,7 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
             if key in state.seen:
                 state.duplicates += 1
                 continue
+            fresh[i // k] += 1
             state.seen[key] = child.seq_id
             r = child.score if child.score is not None else 0.0
             g = popped[i // k].g + step_cost(p.step_cost, p.cost_weight, r)
@@ -214,6 +222,11 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
                 state.solutions.append(child)
             else:
                 self._push(state, child, g=g, f=g + 1.0 - r)
+        for e, new in zip(popped, fresh, strict=True):
+            times = state.expanded.get(e.node.seq_id, 0) + 1
+            state.expanded[e.node.seq_id] = times
+            if new < k and times < p.max_expansions:
+                self._push(state, e.node, g=e.g, f=e.f)
         if len(state.solutions) >= p.n:
             common.finish("solutions")
         elif not state.open:  # nothing left to expand; if the token cap cut steps, say so
