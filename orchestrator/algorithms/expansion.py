@@ -73,6 +73,28 @@ def _mark_finished(t: Trajectory, out: StepOutput, max_steps: int, budget_cut: b
         t.finished, t.stop = True, "max_steps"
 
 
+def _request(
+    common: SearchCommon,
+    parent_id: str,
+    steps: Sequence[str],
+    sampling: SamplingParams,
+    max_new_tokens: int | None,
+    partial_step: str = "",
+) -> ExtendRequest:
+    """A request for one new sequence: a fresh id and the sampling seed that id fixes."""
+    sid = common.new_id()
+    return ExtendRequest(
+        seq_id=sid,
+        parent_id=parent_id,
+        prompt=common.problem,
+        steps=tuple(steps),
+        seed=common.request_seed(sid),
+        sampling=sampling,
+        partial_step=partial_step,
+        max_new_tokens=max_new_tokens,
+    )
+
+
 async def _extend(
     common: SearchCommon,
     policy: Policy,
@@ -99,20 +121,7 @@ async def grow(
         return []
     allowance = _token_allowance(common, len(parents), sampling)
     cap = allowance if allowance < sampling.max_step_tokens else None
-    requests = []
-    for p in parents:
-        sid = common.new_id()
-        requests.append(
-            ExtendRequest(
-                seq_id=sid,
-                parent_id=p.seq_id,
-                prompt=common.problem,
-                steps=tuple(p.steps),
-                seed=common.request_seed(sid),
-                sampling=sampling,
-                max_new_tokens=cap,
-            )
-        )
+    requests = [_request(common, p.seq_id, p.steps, sampling, cap) for p in parents]
     outs = await _extend(common, policy, requests)
     children = []
     for p, req, out in zip(parents, requests, outs, strict=True):
@@ -245,23 +254,17 @@ async def _expand_with_early_rejection(
         survivors.update(ranked[:keep])
 
     finishing = [i for i in range(n) if partial[i] and i in survivors]
-    requests = []
-    for i in finishing:
-        sid = common.new_id()
-        head, parent = heads[i], parents[i]
-        used = head.num_tokens - parent.num_tokens
-        requests.append(
-            ExtendRequest(
-                seq_id=sid,
-                parent_id=head.seq_id,
-                prompt=common.problem,
-                steps=tuple(parent.steps),
-                seed=common.request_seed(sid),
-                sampling=sampling,
-                partial_step=head.steps[-1],
-                max_new_tokens=allowance - used,
-            )
+    requests = [
+        _request(
+            common,
+            heads[i].seq_id,
+            parents[i].steps,
+            sampling,
+            allowance - (heads[i].num_tokens - parents[i].num_tokens),
+            partial_step=heads[i].steps[-1],
         )
+        for i in finishing
+    ]
     outs = await _extend(common, policy, requests) if requests else []
     results = list(heads)
     to_rescore = []
