@@ -77,6 +77,17 @@ def test_the_policy_worker_and_the_evaluator_run_it(tiny_dir: Path) -> None:
     assert report.n == 2 and set(report.pass_at) == {1, 2}
 
 
+def test_the_bare_step_format_trains_without_the_restatement() -> None:
+    p = generate_problems("test", 1)[0]
+    tokenizer = build_tokenizer("bare")
+    ids, n_prompt = encode_example(tokenizer, p, restate=False)
+    assert ", so" not in tokenizer.decode(ids[n_prompt:])
+    assert tokenizer.unk_token_id not in ids
+    assert len(tokenizer) < len(build_tokenizer())  # the first shipped policy's vocabulary
+    with pytest.raises(ValueError, match="step_format"):
+        train(TrainConfig(out=Path("unused"), minutes=None, step_format="plain", **TINY))
+
+
 def test_pass_at_k_estimator() -> None:
     assert pass_at_k(8, 0, 1) == 0.0
     assert pass_at_k(8, 8, 1) == 1.0

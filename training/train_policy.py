@@ -1,17 +1,19 @@
 """Train the shipped arithmetic policy: a small Llama with a character tokenizer.
 
-    python -m lodestar.training.train_policy --out models/arith-policy --minutes 6 --seed 0
+    python -m lodestar.training.train_policy --out results/policy --minutes 15 --seed 0
 
 Examples are generated training-split problems (`lodestar.tasks.arithmetic`), a mix of 1-4
-operations (one count per batch, so little padding), each solved leftmost-innermost-first; loss
-is on the solution and EOS only.
+operations (one count per batch, so little padding), each solved leftmost-innermost-first in the
+scratchpad step format (`--step-format bare` for the plain one); loss is on the solution and EOS.
 
 The learning rate warms up, stays constant, and decays linearly to zero over the last
-`decay_frac` of the steps. With `--minutes` the total is fixed when the stable phase has used
-its share of the time budget (T = ceil(S / (1 - decay_frac)) after S steps), so the schedule is
-a function of the step and T alone: `--steps T` with the same seed reproduces the run exactly,
-and the run records T.
-"""
+`decay_frac` of the steps. With `--minutes` the total T is fixed once the stable phase has used
+its share of the time budget (the smallest T whose stable phase covers the steps taken), so the
+schedule is a function of the step and T alone: `--steps T` with the same seed and `--threads`
+reproduces the run bit for bit, and the run records T in `training.json`.
+
+fp32 by default: bf16 autocast is 15x slower on AVX2-only CPUs such as the project's. Under CPU
+contention `--threads 1` beats 2 (two OpenMP threads stall on a shared core)."""
 
 from __future__ import annotations
 
@@ -37,7 +39,11 @@ from lodestar.tasks.arithmetic import (
 from lodestar.training.char_tokenizer import BOS, build_char_tokenizer
 
 ALPHABET = "0123456789+-*()=.,; \n\\{}:" + "ABQabdeosx"
-"""Enough for problems, the prompt (`Q:`/`A:`) and `\\boxed{}`; anything else encodes as <unk>."""
+"""Enough for problems, the prompt (`Q:`/`A:`), `, so` and `\\boxed{}`; others encode as <unk>."""
+BARE_ALPHABET = "0123456789+-*()=. \n\\{}:" + "ABQabdeox"
+"""The alphabet of the `bare` step format (kept so that format's runs reproduce exactly)."""
+STEP_FORMATS = ("restate", "bare")
+"""`restate`: `7+5=12, so 12*3-4` (the scratchpad); `bare`: `7+5=12` (the first shipped policy)."""
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -68,6 +74,9 @@ class TrainConfig:
     ops_weights: tuple[float, ...] = (0.1, 0.25, 0.4, 0.25)
     """Probability of 1, 2, 3, ... operations per training problem."""
     max_operand: int = 9
+    step_format: str = "restate"
+    """One of STEP_FORMATS; `bare` with `--steps 896 --threads 1` and the 1.6M shape reproduces
+    the first shipped policy (results/policy-run3)."""
     bf16: bool = False
     """bf16 autocast: faster only where the CPU has avx512_bf16 (15x slower on AVX2-only ones)."""
     threads: int = 2
@@ -77,8 +86,9 @@ class TrainConfig:
     """Weights as saved; bf16 halves the files (loaders upcast on the CPU)."""
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    return build_char_tokenizer(ALPHABET, chat_template=CHAT_TEMPLATE)
+def build_tokenizer(step_format: str = "restate") -> PreTrainedTokenizerFast:
+    alphabet = {"restate": ALPHABET, "bare": BARE_ALPHABET}[step_format]
+    return build_char_tokenizer(alphabet, chat_template=CHAT_TEMPLATE)
 
 
 def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
@@ -142,19 +152,22 @@ def lr_factor(step: int, total: int | None, cfg: TrainConfig) -> float:
     return warm * max(0.0, (total - step) / max(1, total - stable_end))
 
 
-def encode_example(tokenizer: PreTrainedTokenizerFast, problem: Problem) -> tuple[list[int], int]:
+def encode_example(
+    tokenizer: PreTrainedTokenizerFast, problem: Problem, *, restate: bool = True
+) -> tuple[list[int], int]:
     """Token ids of prompt + solution + EOS, and the prompt length (not trained on)."""
     prompt = BOS + PROMPT_FORMAT.format(expression=problem.expression)
     prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    answer_ids = tokenizer.encode(solution_text(problem), add_special_tokens=False)
+    answer = solution_text(problem, restate=restate)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
     return [*prompt_ids, *answer_ids, tokenizer.eos_token_id], len(prompt_ids)
 
 
 def make_batch(
-    tokenizer: PreTrainedTokenizerFast, problems: list[Problem]
+    tokenizer: PreTrainedTokenizerFast, problems: list[Problem], *, restate: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded input ids, attention mask and labels (-100 on prompt and padding)."""
-    encoded = [encode_example(tokenizer, p) for p in problems]
+    encoded = [encode_example(tokenizer, p, restate=restate) for p in problems]
     width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(encoded), width), -100, dtype=torch.long)
@@ -188,7 +201,10 @@ def train(cfg: TrainConfig) -> dict:
         raise ValueError(f"decay_frac must be in [0, 1), got {cfg.decay_frac}")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
+    if cfg.step_format not in STEP_FORMATS:
+        raise ValueError(f"step_format must be one of {STEP_FORMATS}, got {cfg.step_format!r}")
+    tokenizer = build_tokenizer(cfg.step_format)
+    restate = cfg.step_format == "restate"
     model = build_model(cfg, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(
@@ -219,7 +235,7 @@ def train(cfg: TrainConfig) -> dict:
             continue
         for group in opt.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, total, cfg)
-        ids, mask, labels = make_batch(tokenizer, next(batches))
+        ids, mask, labels = make_batch(tokenizer, next(batches), restate=restate)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -262,6 +278,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         help="comma-separated probabilities of 1, 2, ... operations",
     )
     p.add_argument("--max-operand", type=int, default=d.max_operand)
+    p.add_argument("--step-format", choices=STEP_FORMATS, default=d.step_format)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16)")
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--log-every", type=int, default=d.log_every)
