@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
@@ -38,7 +38,6 @@ class RequestBatcher(Generic[Req, Out]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._pending: deque[tuple[list[Req], asyncio.Future[list[Out]]]] = deque()
-        self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: list[int] = []
 
@@ -53,26 +52,18 @@ class RequestBatcher(Generic[Req, Out]):
             return [o for part in parts for o in part]
         future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
         self._pending.append((list(requests), future))
-        self._ensure_running()
-        assert self._wake is not None
-        self._wake.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
         return await future
 
-    def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
     async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        """Wait out the window, dispatch everything pending, repeat; exit when idle (the next
+        submit starts a new run), so no task outlives its work or its event loop."""
+        while self._pending:
             if self.max_wait_s > 0 and self._queued() < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
             while self._pending:
-                batch = self._take()
-                await self._dispatch(batch)
+                await self._dispatch(self._take())
 
     def _queued(self) -> int:
         return sum(len(r) for r, _ in self._pending)
@@ -114,9 +105,14 @@ class SearchScope:
         extend: Callable[[Sequence[ExtendRequest]], Awaitable[list[StepOutput]]],
         score: Callable[[Sequence[ScoreRequest]], Awaitable[list[StepScores]]],
     ) -> None:
-        self.prefix = f"{search_id}/"
+        self.prefix = self.prefix_of(search_id)
         self._extend = extend
         self._score = score
+
+    @staticmethod
+    def prefix_of(search_id: str) -> str:
+        """The prefix of every sequence id of one search, as the workers see it."""
+        return f"{search_id}/"
 
     def _scoped(self, request: Any) -> Any:
         parent = request.parent_id
@@ -136,3 +132,14 @@ class SearchScope:
     async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         outs = await self._score([self._scoped(r) for r in requests])
         return [self._local(o) for o in outs]
+
+
+class Workers(Protocol):
+    """Where a runtime's model calls go: in-process workers or a pool of Ray actors.
+
+    `scope` is called once when a search starts (or resumes) on this runtime and pins it to its
+    workers (cache affinity); `release` is called once when it stops here, freeing its caches."""
+
+    def scope(self, search_id: str) -> SearchScope: ...
+
+    async def release(self, search_id: str) -> None: ...

@@ -2,7 +2,7 @@
 
 The algorithms await `policy.extend` / `reward.score`; a worker in this process is synchronous
 torch code, so each call runs in a thread and calls are serialised (one forward loop at a time,
-as on a Ray actor). The distributed runtime swaps these for Ray actor handles.
+as on a Ray actor). The distributed runtime swaps these for Ray actors (`worker_pool`).
 """
 
 from __future__ import annotations
@@ -11,32 +11,63 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
+from lodestar.orchestrator.batching import RequestBatcher, SearchScope
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
 
 class SyncPolicy(Protocol):
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]: ...
 
+    def release_prefix(self, prefix: str) -> int: ...
+
 
 class SyncReward(Protocol):
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]: ...
+
+    def release_prefix(self, prefix: str) -> int: ...
 
 
 class LocalPolicy:
     def __init__(self, worker: SyncPolicy) -> None:
         self.worker = worker
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
 
     async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
-        async with self._lock:
+        async with self.lock:
             return await asyncio.to_thread(self.worker.extend, list(requests))
 
 
 class LocalReward:
     def __init__(self, worker: SyncReward) -> None:
         self.worker = worker
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
-        async with self._lock:
+        async with self.lock:
             return await asyncio.to_thread(self.worker.score, list(requests))
+
+
+class LocalWorkers:
+    """`Workers` over one in-process policy and one reward, every search's calls merged."""
+
+    def __init__(
+        self,
+        policy: SyncPolicy,
+        reward: SyncReward,
+        max_batch: int = 256,
+        max_wait_s: float = 0.001,
+    ) -> None:
+        self._policy = LocalPolicy(policy)
+        self._reward = LocalReward(reward)
+        self.policy_batcher = RequestBatcher(self._policy.extend, max_batch, max_wait_s)
+        self.reward_batcher = RequestBatcher(self._reward.score, max_batch, max_wait_s)
+
+    def scope(self, search_id: str) -> SearchScope:
+        return SearchScope(search_id, self.policy_batcher.submit, self.reward_batcher.submit)
+
+    async def release(self, search_id: str) -> None:
+        prefix = SearchScope.prefix_of(search_id)
+        async with self._policy.lock:
+            self._policy.worker.release_prefix(prefix)
+        async with self._reward.lock:
+            self._reward.worker.release_prefix(prefix)

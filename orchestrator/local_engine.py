@@ -15,8 +15,7 @@ from typing import Any
 from lodestar.orchestrator.algorithms.base import run_search
 from lodestar.orchestrator.algorithms.registry import start_search
 from lodestar.orchestrator.algorithms.state import SearchResult
-from lodestar.orchestrator.batching import RequestBatcher, SearchScope
-from lodestar.orchestrator.inprocess import LocalPolicy, LocalReward, SyncPolicy, SyncReward
+from lodestar.orchestrator.inprocess import LocalWorkers, SyncPolicy, SyncReward
 from lodestar.workers.messages import Prompt
 
 
@@ -47,8 +46,7 @@ class LocalEngine:
         max_wait_s: float = 0.001,
         concurrency: int = 32,
     ) -> None:
-        self._policy = RequestBatcher(LocalPolicy(policy).extend, max_batch, max_wait_s)
-        self._reward = RequestBatcher(LocalReward(reward).score, max_batch, max_wait_s)
+        self.workers = LocalWorkers(policy, reward, max_batch, max_wait_s)
         self.concurrency = concurrency
         self._ids = 0
 
@@ -56,9 +54,13 @@ class LocalEngine:
         job_args = (job.algorithm, job.problem, job.params, job.seed, job.budget)
         algorithm, state = start_search(*job_args)
         self._ids += 1
-        scope = SearchScope(f"s{self._ids}", self._policy.submit, self._reward.submit)
+        search_id = f"s{self._ids}"
+        scope = self.workers.scope(search_id)
         started = time.perf_counter()
-        result = await run_search(algorithm, state, scope, scope)
+        try:
+            result = await run_search(algorithm, state, scope, scope)
+        finally:
+            await self.workers.release(search_id)
         return Finished(job, result, time.perf_counter() - started)
 
     async def solve_all(self, jobs: Iterable[SearchJob]) -> list[Finished]:
@@ -73,4 +75,4 @@ class LocalEngine:
 
     @property
     def policy_batch_sizes(self) -> list[int]:
-        return self._policy.batch_sizes
+        return self.workers.policy_batcher.batch_sizes

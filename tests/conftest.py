@@ -13,3 +13,24 @@ import torch
 def _single_torch_thread():
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (start-up costs 4-7 s). `address="local"` never joins
+    a stale cluster; one logical GPU lets placement tests ask for GPU shares on a CPU machine."""
+    import ray
+
+    ray.init(address="local", include_dashboard=False, num_cpus=8, num_gpus=1, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    """A private redis-server on a free port for one test module; fails (never skips) when the
+    binary is missing."""
+    from tests.redis_server import new_redis_server
+
+    with new_redis_server() as server:
+        yield server

@@ -1,113 +1,14 @@
-"""A private redis-server for tests: free loopback port, no persistence, stopped by its pid.
-
-`stop()` then `start()` reuses the port, so clients see an outage and a recovery; `pause()` /
-`resume()` (SIGSTOP/SIGCONT) make a server that accepts connections but never answers.
-"""
+"""The tests' Redis: a real private server, and a failure (never a skip) when there is none."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import tempfile
-import time
-from pathlib import Path
-from types import TracebackType
+import pytest
+
+from lodestar.services.local_redis import LocalRedis, RedisServerMissing
 
 
-class RedisServerMissing(RuntimeError):
-    def __init__(self) -> None:
-        super().__init__(
-            "redis-server is not on PATH; the Redis state-store tests need a real server "
-            "(Debian/Ubuntu: apt-get install -y redis-server)"
-        )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def answers_ping(port: int, timeout_s: float = 0.2) -> bool:
+def new_redis_server() -> LocalRedis:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-class RedisServer:
-    def __init__(self, port: int | None = None) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RedisServerMissing()
-        self.binary = binary
-        self.port = port or free_port()
-        self._dir = tempfile.TemporaryDirectory(prefix="lodestar-redis-")
-        self._log = Path(self._dir.name) / "redis.log"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 5.0) -> None:
-        if self._proc is not None:
-            raise RuntimeError("redis-server already running")
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no", "--dir", self._dir.name]
-        args += ["--logfile", str(self._log)]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while not answers_ping(self.port):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                log = self._log.read_text()[-2000:] if self._log.exists() else ""
-                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
-            time.sleep(0.01)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """SIGTERM by pid (SIGKILL if it lingers); clients see connections drop."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)  # a paused server cannot handle SIGTERM
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-    def pause(self) -> None:
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self._proc is not None
-        os.kill(self._proc.pid, signal.SIGCONT)
-
-    def close(self) -> None:
-        self.stop()
-        self._dir.cleanup()
-
-    def __enter__(self) -> RedisServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        return LocalRedis()
+    except RedisServerMissing as exc:
+        pytest.fail(str(exc), pytrace=False)

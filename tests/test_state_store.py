@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,22 +38,10 @@ from lodestar.orchestrator.state_store.redis_store import (
     RedisStateStore,
     RedisStoreConfig,
 )
-from tests.redis_server import RedisServer, RedisServerMissing
+from lodestar.services.local_redis import LocalRedis, RedisServerMissing
+from tests.redis_server import new_redis_server
 
 Body = Callable[[StateStore], Awaitable[None]]
-
-
-def new_redis_server() -> RedisServer:
-    try:
-        return RedisServer()
-    except RedisServerMissing as exc:
-        pytest.fail(str(exc), pytrace=False)
-
-
-@pytest.fixture(scope="module")
-def redis_server() -> Iterator[RedisServer]:
-    with new_redis_server() as server:
-        yield server
 
 
 @dataclass
@@ -73,7 +61,7 @@ class Backend:
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         return Backend("memory", lambda **s: MemoryStateStore(StoreConfig(**s)))
-    server: RedisServer = request.getfixturevalue("redis_server")
+    server: LocalRedis = request.getfixturevalue("redis_server")
     with redis.Redis.from_url(server.url) as client:
         client.flushall()
     return Backend("redis", lambda **s: RedisStateStore(RedisStoreConfig(url=server.url, **s)))
@@ -130,6 +118,26 @@ def test_concurrent_writers_with_the_same_generation_exactly_one_wins(backend: B
             assert len(winners) == 1
             assert all(isinstance(o, StaleWriter) for o in outcomes if o is not None)
             assert await store.load_checkpoint("race") == (generation, winners[0])
+
+    backend.run(body)
+
+
+def test_record_step_writes_checkpoint_and_event_together_and_reports_cancel(
+    backend: Backend,
+) -> None:
+    async def body(store: StateStore) -> None:
+        await store.create_job(spec("step"))
+        assert await store.record_step("step", 1, b"s1", b"e1") is False
+        with pytest.raises(StaleWriter):
+            await store.record_step("step", 1, b"replayed", b"lost")
+        await store.request_cancel("step")
+        assert await store.record_step("step", 2, b"s2", b"e2") is True
+        assert await store.load_checkpoint("step") == (2, b"s2")
+        events = await store.read_events("step")
+        assert [(e.offset, e.data, e.terminal) for e in events] == [
+            (1, b"e1", False),
+            (2, b"e2", False),
+        ]  # the refused write left no event
 
     backend.run(body)
 
@@ -374,13 +382,13 @@ def test_search_ids_that_would_break_the_key_layout_are_refused(backend: Backend
 # -- Redis only -------------------------------------------------------------------------------
 
 
-def redis_config(server: RedisServer, **overrides: Any) -> RedisStoreConfig:
+def redis_config(server: LocalRedis, **overrides: Any) -> RedisStoreConfig:
     timeouts = dict(socket_timeout_s=0.5, connect_timeout_s=0.5, pool_timeout_s=0.5)
     return RedisStoreConfig(url=server.url, **(timeouts | {"op_timeout_s": 1.5} | overrides))
 
 
 def test_redis_keys_of_one_search_share_a_slot_and_all_get_the_ttl(
-    redis_server: RedisServer,
+    redis_server: LocalRedis,
 ) -> None:
     async def main() -> None:
         async with RedisStateStore(redis_config(redis_server, finished_ttl_s=60)) as store:
@@ -400,7 +408,7 @@ def test_redis_keys_of_one_search_share_a_slot_and_all_get_the_ttl(
         assert client.zrange("lodestar:jobs:unfinished", 0, -1) == []
 
 
-def test_redis_index_drops_only_old_dangling_ids(redis_server: RedisServer) -> None:
+def test_redis_index_drops_only_old_dangling_ids(redis_server: LocalRedis) -> None:
     """A young id without a job hash may be a job mid-creation; an old one is a crash's leftover."""
 
     async def main() -> list[str]:
@@ -434,7 +442,7 @@ def test_redis_outage_raises_unavailable_quickly_and_the_same_store_recovers() -
         "is_cancelled": lambda s: s.is_cancelled("o"),
     }
 
-    async def main(server: RedisServer) -> None:
+    async def main(server: LocalRedis) -> None:
         async with RedisStateStore(RedisStoreConfig(url=server.url)) as store:  # defaults
             await store.create_job(spec("o"))
             await store.claim_job("o", "orch-a", 30)
@@ -456,7 +464,7 @@ def test_redis_outage_raises_unavailable_quickly_and_the_same_store_recovers() -
 
 
 def test_redis_hung_server_fails_within_the_bound_then_recovers() -> None:
-    async def main(server: RedisServer) -> None:
+    async def main(server: LocalRedis) -> None:
         async with RedisStateStore(RedisStoreConfig(url=server.url)) as store:  # defaults
             await store.save_checkpoint("h", 1, b"state")
             server.pause()
@@ -477,7 +485,7 @@ def test_redis_hung_server_fails_within_the_bound_then_recovers() -> None:
 
 
 def test_redis_blocking_readers_neither_starve_writers_nor_count_as_outages(
-    redis_server: RedisServer,
+    redis_server: LocalRedis,
 ) -> None:
     config = redis_config(
         redis_server, socket_timeout_s=0.3, max_connections=1, max_stream_readers=1
@@ -495,7 +503,7 @@ def test_redis_blocking_readers_neither_starve_writers_nor_count_as_outages(
     asyncio.run(main())
 
 
-def test_open_state_store_picks_the_backend_from_the_url(redis_server: RedisServer) -> None:
+def test_open_state_store_picks_the_backend_from_the_url(redis_server: LocalRedis) -> None:
     assert isinstance(open_state_store("memory://"), MemoryStateStore)
     store = open_state_store(redis_server.url, finished_ttl_s=5)
     assert isinstance(store, RedisStateStore) and store.config.finished_ttl_s == 5
@@ -509,10 +517,10 @@ def test_missing_redis_server_binary_is_a_failure_with_instructions(
 ) -> None:
     monkeypatch.setenv("PATH", "")
     with pytest.raises(RedisServerMissing, match="apt-get install -y redis-server"):
-        RedisServer()
+        LocalRedis()
 
 
-def test_redis_save_checkpoint_latency_on_loopback(redis_server: RedisServer) -> None:
+def test_redis_save_checkpoint_latency_on_loopback(redis_server: LocalRedis) -> None:
     """Printed for the record (run with -s), not asserted: timing is the machine's business."""
     data = bytes(4096)
 

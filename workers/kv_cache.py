@@ -125,6 +125,13 @@ class KVCacheStore:
             if old is not None:
                 self._tokens -= old.cached
 
+    def release_prefix(self, prefix: str) -> int:
+        """Forget every sequence whose id starts with `prefix` (one search's ids share one);
+        returns how many were held."""
+        gone = [sid for sid in self._entries if sid.startswith(prefix)]
+        self.release(gone)
+        return len(gone)
+
     def clear(self) -> None:
         self._entries.clear()
         self._tokens = 0

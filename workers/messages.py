@@ -19,6 +19,30 @@ class ChatMessage:
 Prompt = str | tuple[ChatMessage, ...]
 """A problem as plain text or as chat messages; the worker formats it for its model."""
 
+
+def prompt_to_json(prompt: Prompt) -> str | list[dict[str, str]]:
+    """A prompt as stored in a job record: the text, or a list of {role, content}."""
+    if isinstance(prompt, str):
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def prompt_from_json(doc: object) -> Prompt:
+    """Inverse of `prompt_to_json`; a malformed document is a ValueError naming what is wrong."""
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, list) and doc:
+        messages = []
+        for m in doc:
+            if not (isinstance(m, dict) and set(m) == {"role", "content"}):
+                raise ValueError(f"a chat message needs exactly role and content, got {m!r}")
+            if not (isinstance(m["role"], str) and isinstance(m["content"], str)):
+                raise ValueError("chat message role and content must be strings")
+            messages.append(ChatMessage(m["role"], m["content"]))
+        return tuple(messages)
+    raise ValueError("a problem is a string or a non-empty list of chat messages")
+
+
 StopReason = Literal["delimiter", "eos", "length"]
 
 

@@ -146,6 +146,10 @@ class PolicyWorker:
         """Drop these sequences' caches (their search moved on or ended)."""
         self.cache.release(seq_ids)
 
+    def release_prefix(self, prefix: str) -> int:
+        """Drop every cache of one search (ids under its prefix); returns how many."""
+        return self.cache.release_prefix(prefix)
+
     def clear(self) -> None:
         self.cache.clear()
 

@@ -353,6 +353,10 @@ class RewardWorker:
         """Forget these sequences (their search moved on or ended)."""
         self.store.release(seq_ids)
 
+    def release_prefix(self, prefix: str) -> int:
+        """Drop every cache of one search (ids under its prefix); returns how many."""
+        return self.store.release_prefix(prefix)
+
     def clear(self) -> None:
         self.store.clear()
 

@@ -70,5 +70,9 @@ class VerifierReward:
         self.steps += sum(len(r.steps) for r in requests)
         return out
 
+    def release_prefix(self, prefix: str) -> int:
+        """Nothing is cached: the same interface as the model workers, a no-op."""
+        return 0
+
     def stats(self) -> dict[str, int]:
         return {"requests": self.requests, "steps": self.steps}

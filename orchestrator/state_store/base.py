@@ -223,6 +223,14 @@ class StateStore(ABC):
         """Store `data` as `generation` iff it is the stored generation + 1 and the job (if any)
         is unfinished; raise `StaleWriter` otherwise."""
 
+    async def record_step(self, search_id: str, generation: int, data: bytes, event: bytes) -> bool:
+        """What the orchestrator writes after each step: `save_checkpoint`, then a progress
+        event, then `is_cancelled`. Backends that can do it in one round trip override this, and
+        then the checkpoint and its event land together or not at all. Returns the cancel flag."""
+        await self.save_checkpoint(search_id, generation, data)
+        await self.append_event(search_id, event)
+        return await self.is_cancelled(search_id)
+
     @abstractmethod
     async def load_checkpoint(self, search_id: str) -> Checkpoint | None: ...
 

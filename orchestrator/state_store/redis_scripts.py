@@ -104,18 +104,35 @@ return {'ok', lease}
 )
 """ARGV: owner, lease seconds."""
 
-SAVE_CHECKPOINT = (
-    _PRELUDE
-    + """
+_CHECKPOINT_CAS = """
 local stored = tonumber(redis.call('HGET', KEYS[2], 'g') or '0')
 local status = redis.call('HGET', KEYS[1], 'status')
 if status and FINISHED[status] then return {0, stored, status} end
 if tonumber(ARGV[1]) ~= stored + 1 then return {0, stored} end
 redis.call('HSET', KEYS[2], 'g', ARGV[1], 'd', ARGV[2])
+"""
+"""Compare-and-set of the checkpoint (ARGV[1] generation, ARGV[2] data); returns on refusal."""
+
+SAVE_CHECKPOINT = (
+    _PRELUDE
+    + _CHECKPOINT_CAS
+    + """
 return {1, stored + 1}
 """
 )
 """ARGV: generation, data. Returns {1, generation} or {0, stored generation[, finished status]}."""
+
+RECORD_STEP = (
+    _PRELUDE
+    + _CHECKPOINT_CAS
+    + """
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], '0-*', 't', '0', 'd', ARGV[4])
+inherit_ttl(KEYS[3])
+return {1, stored + 1, redis.call('EXISTS', KEYS[4]), id}
+"""
+)
+"""SAVE_CHECKPOINT, then a progress event, atomically. ARGV: generation, data, max length, event.
+Returns {1, generation, cancel flag, stream id} or SAVE_CHECKPOINT's refusal."""
 
 APPEND_EVENT = (
     _PRELUDE

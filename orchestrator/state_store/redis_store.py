@@ -97,6 +97,7 @@ class RedisStateStore(StateStore):
         self._claim = register(redis_scripts.CLAIM_JOB)
         self._renew = register(redis_scripts.RENEW_LEASE)
         self._save = register(redis_scripts.SAVE_CHECKPOINT)
+        self._record = register(redis_scripts.RECORD_STEP)
         self._append = register(redis_scripts.APPEND_EVENT)
         self._cancel = register(redis_scripts.REQUEST_CANCEL)
 
@@ -143,6 +144,18 @@ class RedisStateStore(StateStore):
         if reply[0] != 1:
             reason = f"job is {_text(reply[2])}" if len(reply) > 2 else ""
             raise StaleWriter(search_id, generation, int(reply[1]), reason)
+
+    async def record_step(self, search_id: str, generation: int, data: bytes, event: bytes) -> bool:
+        validate_write(search_id, generation, data)
+        if not isinstance(event, bytes):
+            raise TypeError(f"event data must be bytes, got {type(event).__name__}")
+        args = [generation, data, self.config.events_maxlen, event]
+        async with self._guard("record_step"):
+            reply = await self._record(keys=self._keys(search_id), args=args)
+        if reply[0] != 1:
+            reason = f"job is {_text(reply[2])}" if len(reply) > 2 else ""
+            raise StaleWriter(search_id, generation, int(reply[1]), reason)
+        return bool(reply[2])
 
     async def load_checkpoint(self, search_id: str) -> Checkpoint | None:
         keys = self._keys(search_id)

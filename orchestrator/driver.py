@@ -1,0 +1,298 @@
+"""The orchestrator: runs the searches of a state store on a set of workers, one step at a time.
+
+Every accepted search is a job in the store and an asyncio task here. A task claims its job (a
+lease), loads the latest checkpoint or starts the algorithm from the job's spec, then loops:
+`advance` one step -> compare-and-set checkpoint + progress event + read the cancel flag (one
+round trip, `record_step`) -> stop if cancelled. So
+the store always holds the state after the newest completed step, and a search whose
+orchestrator dies is resumed from there by another one (`claim_orphans` once the lease lapses),
+with the same result as if nothing had happened: the state carries the RNG and the workers'
+sampling is seeded per request.
+
+Failures, by kind:
+- the store cannot be reached: the search's waiter gets `StateStoreUnavailable` (within the
+  store's timeouts); the job stays in the store and is resumed when the store is back;
+- the search was taken over (`StaleWriter`, `LeaseLost`): this task stops writing and the waiter
+  follows the new owner's progress through the store;
+- anything else (a worker whose retries ran out, a bad model output): the job fails with the error.
+
+Admission control is per orchestrator: at most `max_live` searches advance at once and
+`max_queued` more wait for a slot; beyond that `submit` raises `Overloaded` and nothing is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from lodestar.orchestrator.algorithms.base import SearchAlgorithm
+from lodestar.orchestrator.algorithms.registry import algorithm_for_checkpoint, start_search
+from lodestar.orchestrator.algorithms.state import SearchResult
+from lodestar.orchestrator.batching import Workers
+from lodestar.orchestrator.state_store import (
+    InvalidTransition,
+    JobNotFound,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    LeaseLost,
+    StaleWriter,
+    StateStore,
+    StateStoreUnavailable,
+    StreamClosed,
+)
+from lodestar.workers.messages import prompt_from_json
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The orchestrator's queue is full; nothing was stored. Retry later or elsewhere."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"overloaded: {limit} searches already accepted and unfinished")
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    max_live: int = 64
+    """Searches advancing at once (their model calls merge into shared batches)."""
+    max_queued: int = 1024
+    """Accepted searches waiting for a live slot; beyond live + queued, submit fails fast."""
+    lease_s: float = 15.0
+    """A job whose owner stops renewing for this long is resumed elsewhere."""
+    scan_interval_s: float = 1.0
+    """How often leases are renewed and orphaned jobs looked for."""
+    resume_orphans: bool = True
+    owner: str = field(default_factory=lambda: f"orch-{uuid.uuid4().hex[:12]}")
+
+    def __post_init__(self) -> None:
+        if self.max_live < 1 or self.max_queued < 0:
+            raise ValueError("need max_live >= 1 and max_queued >= 0")
+        if not 0 < self.scan_interval_s < self.lease_s:
+            raise ValueError("need 0 < scan_interval_s < lease_s (leases must be renewed in time)")
+
+
+def result_to_json(result: SearchResult) -> str:
+    return json.dumps(dataclasses.asdict(result), allow_nan=True)
+
+
+class Orchestrator:
+    """Accepts, runs, resumes and cancels searches; `start()` before use, `close()` after."""
+
+    def __init__(
+        self, store: StateStore, workers: Workers, config: OrchestratorConfig | None = None
+    ) -> None:
+        self.store = store
+        self.workers = workers
+        self.config = config or OrchestratorConfig()
+        self._slots = asyncio.Semaphore(self.config.max_live)
+        self._tasks: dict[str, asyncio.Task[JobRecord]] = {}
+        self._running: set[str] = set()
+        self._lost: set[str] = set()
+        """Live searches whose lease another orchestrator took; they stop at the next step."""
+        self._maintainer: asyncio.Task[None] | None = None
+
+    @property
+    def owner(self) -> str:
+        return self.config.owner
+
+    @property
+    def accepted(self) -> int:
+        """Searches accepted here and not yet finished (live + waiting for a slot)."""
+        return len(self._tasks)
+
+    @property
+    def live(self) -> int:
+        return len(self._running)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._maintainer is None:
+            self._maintainer = asyncio.create_task(self._maintain(), name="orchestrator-maintain")
+
+    async def close(self) -> None:
+        """Stop without finishing anything: unfinished jobs keep their last checkpoint and are
+        resumed by whichever orchestrator claims them once their leases lapse."""
+        tasks = [t for t in (self._maintainer, *self._tasks.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._maintainer = None
+
+    # -- the API ---------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec) -> JobRecord:
+        """Validate, store and schedule a search. Raises `ParamError` (bad request, nothing
+        stored), `Overloaded`, `JobExists` or `StateStoreUnavailable`."""
+        start_search(
+            spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
+        )
+        limit = self.config.max_live + self.config.max_queued
+        if self.accepted >= limit:
+            raise Overloaded(limit)
+        record = await self.store.create_job(spec)
+        self._spawn(spec.search_id)
+        return record
+
+    async def cancel(self, search_id: str) -> JobRecord:
+        """Flag the search; it stops before its next step (a queued one never starts). Returns
+        the job as it is now (raises `JobNotFound`)."""
+        await self.store.request_cancel(search_id)
+        record = await self.store.get_job(search_id)
+        if record is None:
+            raise JobNotFound(search_id)
+        return record
+
+    async def wait(self, search_id: str) -> JobRecord:
+        """The job once finished. Follows a search run elsewhere through its progress events."""
+        task = self._tasks.get(search_id)
+        if task is not None:
+            return await asyncio.shield(task)
+        return await self._follow_to_end(search_id)
+
+    async def solve(self, spec: JobSpec) -> JobRecord:
+        await self.submit(spec)
+        return await self.wait(spec.search_id)
+
+    # -- running one search ----------------------------------------------------------------------
+
+    def _spawn(self, search_id: str) -> None:
+        task = asyncio.create_task(self._run(search_id), name=f"search-{search_id}")
+        self._tasks[search_id] = task
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[JobRecord]) -> None:
+        search_id = task.get_name().removeprefix("search-")
+        self._tasks.pop(search_id, None)
+        self._lost.discard(search_id)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: waiters re-raise
+            log.warning("search %s: %s", search_id, task.exception())
+
+    async def _run(self, search_id: str) -> JobRecord:
+        async with self._slots:
+            record = await self.store.claim_job(search_id, self.owner, self.config.lease_s)
+            if record is None:  # finished, or another orchestrator holds it
+                return await self._follow_to_end(search_id)
+            self._running.add(search_id)
+            try:
+                return await self._drive(record)
+            except (StaleWriter, LeaseLost, InvalidTransition) as e:
+                log.info("search %s moved to another owner: %s", search_id, e)
+                return await self._follow_to_end(search_id)
+            finally:
+                self._running.discard(search_id)
+                with contextlib.suppress(Exception):
+                    await self.workers.release(search_id)
+
+    async def _drive(self, record: JobRecord) -> JobRecord:
+        spec, sid = record.spec, record.search_id
+        if await self.store.is_cancelled(sid):
+            return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
+        algorithm: SearchAlgorithm[Any, Any]
+        checkpoint = await self.store.load_checkpoint(sid)
+        if checkpoint is None:
+            algorithm, state = start_search(
+                spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
+            )
+            generation = 0
+        else:
+            algorithm = algorithm_for_checkpoint(checkpoint.data)
+            state = algorithm.loads(checkpoint.data)
+            generation = checkpoint.generation
+        scope = self.workers.scope(sid)
+        cancelled = False  # checked above; then the flag comes back with each step's write
+        try:
+            while not algorithm.is_done(state):
+                if sid in self._lost:
+                    raise LeaseLost(f"search {sid!r} was claimed by another orchestrator")
+                if cancelled:
+                    return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
+                state = await algorithm.advance(state, scope, scope)
+                generation += 1
+                spend = dataclasses.asdict(algorithm.common(state).spend)
+                event = {"generation": generation, "done": algorithm.is_done(state), "spend": spend}
+                cancelled = await self.store.record_step(
+                    sid, generation, algorithm.dumps(state), json.dumps(event).encode()
+                )
+        except (StateStoreUnavailable, StaleWriter, LeaseLost, InvalidTransition):
+            raise
+        except Exception as e:  # a worker gave up, or a model produced something unusable
+            log.exception("search %s failed", sid)
+            return await self._finish(sid, JobStatus.FAILED, error=f"{type(e).__name__}: {e}")
+        result = algorithm.result(state)
+        return await self._finish(
+            sid,
+            JobStatus.SUCCEEDED,
+            result=result_to_json(result),
+            spend=dataclasses.asdict(result.spend),
+            final_answer=result.final_answer,
+        )
+
+    async def _finish(
+        self,
+        sid: str,
+        status: JobStatus,
+        *,
+        result: str | None = None,
+        error: str | None = None,
+        spend: dict[str, float] | None = None,
+        final_answer: str | None = None,
+    ) -> JobRecord:
+        record = await self.store.update_job(
+            sid, status=status, result=result, error=error, spend=spend
+        )
+        event = {"status": str(status), "final_answer": final_answer, "error": error}
+        with contextlib.suppress(StreamClosed):
+            await self.store.append_event(sid, json.dumps(event).encode(), terminal=True)
+        return record
+
+    async def _follow_to_end(self, search_id: str) -> JobRecord:
+        record = await self.store.get_job(search_id)
+        if record is None:
+            raise JobNotFound(search_id)
+        if not record.status.finished:
+            async for event in self.store.follow(search_id):
+                if event.terminal:
+                    break
+            record = await self.store.get_job(search_id)
+        assert record is not None
+        return record
+
+    # -- leases and orphans ----------------------------------------------------------------------
+
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self._renew_leases()
+                if self.config.resume_orphans:
+                    await self._claim_orphans()
+            except StateStoreUnavailable as e:
+                log.warning("orchestrator %s: %s", self.owner, e)
+            await asyncio.sleep(self.config.scan_interval_s)
+
+    async def _renew_leases(self) -> None:
+        for sid in list(self._running):
+            try:
+                await self.store.renew_lease(sid, self.owner, self.config.lease_s)
+            except LeaseLost:
+                if sid in self._running:  # not merely finished since the snapshot
+                    log.warning("search %s: lease lost, stopping here", sid)
+                    self._lost.add(sid)
+
+    async def _claim_orphans(self) -> None:
+        free = self.config.max_live - len(self._tasks)
+        if free <= 0:
+            return
+        for record in await self.store.claim_orphans(self.owner, self.config.lease_s, free):
+            if record.search_id not in self._tasks:
+                log.info("resuming orphaned search %s", record.search_id)
+                self._spawn(record.search_id)

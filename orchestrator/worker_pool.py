@@ -1,0 +1,145 @@
+"""Pools of Ray model actors behind the `Workers` interface: placement, affinity, batching.
+
+Each actor gets its own `RequestBatcher` per role, so the requests of every search routed to it
+merge into one actor call per window. A search is pinned to one policy actor and one reward actor
+for as long as it runs here (its KV caches live there); new searches go to the actor with the
+fewest live searches. In `combined` mode each actor holds both models (one per GPU when both fit)
+and a search's two roles land on the same actor.
+
+Actor failures are Ray's to absorb: `max_restarts` brings a killed actor back (models reloaded,
+caches empty) and `max_task_retries` re-sends the calls it lost; a retried call gives the same
+outputs because sampling is seeded per request. Only when the retries run out does a search see
+the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from lodestar.orchestrator.batching import RequestBatcher, SearchScope
+from lodestar.workers.actors import ModelHost, Role
+from lodestar.workers.factory import ModelConfig
+from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    models: ModelConfig = field(default_factory=ModelConfig)
+    policy_workers: int = 1
+    reward_workers: int = 1
+    """Ignored in combined mode (every actor holds both models)."""
+    combined: bool = False
+    num_gpus: float = 0.0
+    """GPUs per actor; fractional shares one GPU (0.5: two actors per GPU). 0 on CPU nodes."""
+    num_cpus: float = 1.0
+    threads: int | None = None
+    """torch threads per actor; None keeps torch's default (all cores of the node)."""
+    max_restarts: int = 4
+    max_task_retries: int = 4
+    max_batch: int = 256
+    """Most requests in one actor call."""
+    max_wait_s: float = 0.002
+    """How long a batcher waits for more searches' requests before calling the actor."""
+
+    def __post_init__(self) -> None:
+        if self.policy_workers < 1 or (not self.combined and self.reward_workers < 1):
+            raise ValueError("need at least one policy worker and one reward worker")
+        if self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError("num_gpus and num_cpus must be >= 0")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if self.max_batch < 1 or self.max_wait_s < 0:
+            raise ValueError("need max_batch >= 1 and max_wait_s >= 0")
+
+
+class _Member:
+    """One actor of a pool with its batchers and its count of live searches."""
+
+    def __init__(self, handle: Any, roles: tuple[Role, ...], config: PoolConfig) -> None:
+        self.handle = handle
+        self.roles = roles
+        self.live = 0
+        self.extend = RequestBatcher(self._extend, config.max_batch, config.max_wait_s)
+        self.score = RequestBatcher(self._score, config.max_batch, config.max_wait_s)
+
+    async def _extend(self, requests: list[ExtendRequest]) -> list[StepOutput]:
+        return await self.handle.extend.remote(requests)
+
+    async def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
+        return await self.handle.score.remote(requests)
+
+
+class RayWorkerPool:
+    """Creates the actors on construction (needs `ray.init` first); `ready()` waits for models."""
+
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config = config or PoolConfig()
+        actor_cls = ray.remote(ModelHost).options(
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            max_restarts=config.max_restarts,
+            max_task_retries=config.max_task_retries,
+        )
+
+        def spawn(roles: tuple[Role, ...]) -> _Member:
+            handle = actor_cls.remote(config.models, roles, config.threads)
+            return _Member(handle, roles, config)
+
+        n_policy = config.policy_workers
+        if config.combined:
+            self.policy_members = [spawn(("policy", "reward")) for _ in range(n_policy)]
+            self.reward_members = self.policy_members
+        else:
+            self.policy_members = [spawn(("policy",)) for _ in range(n_policy)]
+            self.reward_members = [spawn(("reward",)) for _ in range(config.reward_workers)]
+        self._assigned: dict[str, tuple[_Member, _Member]] = {}
+
+    @property
+    def members(self) -> list[_Member]:
+        unique = {id(m): m for m in (*self.policy_members, *self.reward_members)}
+        return list(unique.values())
+
+    @property
+    def handles(self) -> list[Any]:
+        return [m.handle for m in self.members]
+
+    async def ready(self) -> list[dict[str, Any]]:
+        """Wait until every actor has loaded its models; returns each actor's `info()`."""
+        return list(await asyncio.gather(*(m.handle.info.remote() for m in self.members)))
+
+    def scope(self, search_id: str) -> SearchScope:
+        if search_id in self._assigned:
+            raise ValueError(f"search {search_id!r} is already running on this pool")
+        policy = min(self.policy_members, key=lambda m: m.live)
+        policy.live += 1
+        if self.config.combined:
+            reward = policy
+        else:
+            reward = min(self.reward_members, key=lambda m: m.live)
+            reward.live += 1
+        self._assigned[search_id] = (policy, reward)
+        return SearchScope(search_id, policy.extend.submit, reward.score.submit)
+
+    async def release(self, search_id: str) -> None:
+        """Forget the search's placement and drop its caches; a dead actor has none to drop."""
+        placed = self._assigned.pop(search_id, None)
+        if placed is None:
+            return
+        members = {id(m): m for m in placed}.values()
+        for m in members:
+            m.live -= 1
+        prefix = SearchScope.prefix_of(search_id)
+        calls = [m.handle.release_prefix.remote(prefix) for m in members]
+        await asyncio.gather(*calls, return_exceptions=True)
+
+    @property
+    def live_searches(self) -> int:
+        return len(self._assigned)
+
+    def shutdown(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)

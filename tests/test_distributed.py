@@ -1,0 +1,231 @@
+"""The distributed runtime with real parts: a local Ray, model actors holding the shipped models,
+a private redis-server, and the failures the runtime promises to survive."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig, result_to_json
+from lodestar.orchestrator.inprocess import LocalWorkers
+from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
+from lodestar.orchestrator.state_store import (
+    JobSpec,
+    JobStatus,
+    StateStoreUnavailable,
+    open_state_store,
+)
+from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
+from lodestar.services.local_redis import LocalRedis
+from lodestar.workers.factory import ModelConfig
+from tests.orchestrator_process import LEASE
+from tests.runtime_parts import (
+    Paced,
+    assert_same_results,
+    comparable,
+    problem_specs,
+    shipped_workers,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def reference(specs: list[JobSpec], reward: str = "verifier") -> list[dict[str, Any]]:
+    """Each search run alone, in process, on its own workers: the undisturbed result."""
+    engine = LocalEngine(*shipped_workers(reward), concurrency=1)
+    jobs = [SearchJob(s.algorithm, s.problem, s.params, s.seed, s.budget) for s in specs]
+    return [comparable(result_to_json(f.result)) for f in asyncio.run(engine.solve_all(jobs))]
+
+
+async def wait_for_checkpoints(store: Any, specs: list[JobSpec], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    for s in specs:
+        while await store.load_checkpoint(s.search_id) is None:
+            assert time.monotonic() < deadline, f"{s.search_id} made no progress"
+            await asyncio.sleep(0.05)
+
+
+def test_half_gpu_actors_share_one_gpu_and_searches_spread_across_them(ray_cluster) -> None:
+    config = PoolConfig(combined=True, policy_workers=2, num_gpus=0.5, threads=1)
+
+    async def main() -> tuple[list[dict[str, Any]], list[int], JobStatus]:
+        pool = RayWorkerPool(config)
+        try:
+            infos = await pool.ready()
+            scopes = [pool.scope(f"spread-{i}") for i in range(4)]
+            live = [m.live for m in pool.members]
+            for i in range(4):
+                await pool.release(f"spread-{i}")
+            assert len(scopes) == 4 and pool.live_searches == 0
+            async with open_state_store("memory://") as store:
+                orch = Orchestrator(store, pool)
+                (spec,) = problem_specs(1, "placed")
+                status = (await orch.solve(spec)).status
+                await orch.close()
+            return infos, live, status
+        finally:
+            pool.shutdown()
+
+    infos, live, status = asyncio.run(main())
+    assert [i["gpu_ids"] for i in infos] == [["0"], ["0"]]
+    assert len({i["pid"] for i in infos}) == 2
+    assert all(i["roles"] == ["policy", "reward"] and i["torch_threads"] == 1 for i in infos)
+    assert all(i["device"] == "cpu" for i in infos)  # logical GPU, no CUDA: the CPU path
+    assert live == [2, 2]
+    assert status is JobStatus.SUCCEEDED
+
+
+def test_a_killed_policy_actor_comes_back_and_searches_end_as_if_undisturbed(ray_cluster) -> None:
+    specs = problem_specs(4, "kill-worker", ops=3, params={"n": 16})
+
+    async def main() -> tuple[list[Any], int, int]:
+        pool = RayWorkerPool(PoolConfig(threads=1))
+        try:
+            victim = pool.policy_members[0].handle
+            pid = (await victim.info.remote())["pid"]
+            async with open_state_store("memory://") as store:
+                orch = Orchestrator(store, pool)
+                try:
+                    for s in specs:
+                        await orch.submit(s)
+                    await wait_for_checkpoints(store, specs[:1])
+                    os.kill(pid, signal.SIGKILL)
+                    records = [await asyncio.wait_for(orch.wait(s.search_id), 120) for s in specs]
+                finally:
+                    await orch.close()
+            return records, pid, (await victim.info.remote())["pid"]
+        finally:
+            pool.shutdown()
+
+    records, old_pid, new_pid = asyncio.run(main())
+    assert new_pid != old_pid  # the actor really died and was restarted
+    assert all(r.status is JobStatus.SUCCEEDED for r in records)
+    assert [comparable(r.result) for r in records] == reference(specs)
+
+
+def test_a_killed_orchestrator_is_resumed_by_another_with_identical_results(
+    ray_cluster, redis_server: LocalRedis, tmp_path: Path
+) -> None:
+    """The first orchestrator runs in its own process on in-process workers and is SIGKILLed
+    mid-search; a second one, on Ray actors, claims the jobs once their leases lapse."""
+    redis_server.restart()
+    specs = problem_specs(4, "kill-orch", ops=3, params={"n": 6})
+    spec_file = tmp_path / "specs.json"
+    spec_file.write_text(json.dumps([dataclasses.asdict(s) for s in specs]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.orchestrator_process", redis_server.url, str(spec_file)],
+        cwd=REPO,
+    )
+
+    async def main() -> tuple[list[Any], list[int], list[list[dict[str, Any]]]]:
+        async with open_state_store(redis_server.url) as store:
+            try:
+                await wait_for_checkpoints(store, specs)
+            finally:
+                proc.kill()
+                proc.wait()
+            at_kill = [(await store.get_job(s.search_id)).status for s in specs]
+            assert JobStatus.RUNNING in at_kill, "everything finished before the kill"
+            stopped_at = [(await store.load_checkpoint(s.search_id)).generation for s in specs]
+            pool = RayWorkerPool(PoolConfig(threads=1))
+            try:
+                await pool.ready()
+                orch = Orchestrator(store, pool, OrchestratorConfig(**LEASE))
+                await orch.start()
+                try:
+                    records = [await asyncio.wait_for(orch.wait(s.search_id), 120) for s in specs]
+                finally:
+                    await orch.close()
+            finally:
+                pool.shutdown()
+            events = []
+            for s in specs:
+                log = await store.read_events(s.search_id, limit=1000)
+                events.append([json.loads(e.data) for e in log])
+            return records, stopped_at, events
+
+    records, stopped_at, events = asyncio.run(main())
+    assert all(r.status is JobStatus.SUCCEEDED and r.owner != "doomed" for r in records)
+    assert [comparable(r.result) for r in records] == reference(specs)
+    for generation, log in zip(stopped_at, events, strict=True):
+        progress = [e["generation"] for e in log[:-1]]
+        assert generation >= 1 and progress == list(range(1, len(progress) + 1))
+        assert log[-1]["status"] == "succeeded"
+
+
+def test_a_redis_outage_fails_searches_in_flight_quickly_and_new_ones_work_after(
+    redis_server: LocalRedis,
+) -> None:
+    redis_server.restart()
+    specs = problem_specs(3, "outage", ops=3, params={"n": 8})
+    policy, reward = shipped_workers()
+
+    async def main() -> tuple[list[Any], float, JobStatus]:
+        async with open_state_store(redis_server.url) as store:
+            orch = Orchestrator(store, LocalWorkers(Paced(policy, 0.2), reward))
+            await orch.start()
+            for s in specs:
+                await orch.submit(s)
+            await wait_for_checkpoints(store, specs[:1])
+            redis_server.stop()
+            started = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(asyncio.wait_for(orch.wait(s.search_id), 30) for s in specs),
+                return_exceptions=True,
+            )
+            elapsed = time.monotonic() - started
+            redis_server.start()
+            (after,) = problem_specs(1, "after-outage")
+            status = (await asyncio.wait_for(orch.solve(after), 60)).status
+            await orch.close()
+            return outcomes, elapsed, status
+
+    outcomes, elapsed, status = asyncio.run(main())
+    assert all(isinstance(o, StateStoreUnavailable) for o in outcomes), outcomes
+    assert all("state store unavailable" in str(o) for o in outcomes)
+    assert elapsed < 10.0
+    assert status is JobStatus.SUCCEEDED
+
+
+def test_200_concurrent_searches_all_finish_once_with_their_sequential_results(
+    ray_cluster, redis_server: LocalRedis
+) -> None:
+    redis_server.restart()
+    specs = problem_specs(200, "many")
+    config = PoolConfig(models=ModelConfig(reward="prm"), threads=1)
+
+    async def main() -> tuple[list[Any], list[list[Any]], int]:
+        pool = RayWorkerPool(config)
+        try:
+            await pool.ready()
+            async with open_state_store(redis_server.url) as store:
+                orch = Orchestrator(store, pool, OrchestratorConfig(max_live=200))
+                await orch.start()
+                try:
+                    await asyncio.gather(*(orch.submit(s) for s in specs))
+                    records = await asyncio.gather(*(orch.wait(s.search_id) for s in specs))
+                finally:
+                    await orch.close()
+                events = [await store.read_events(s.search_id, limit=1000) for s in specs]
+                unfinished = len(await store.list_unfinished())
+            return list(records), events, unfinished
+        finally:
+            pool.shutdown()
+
+    records, events, unfinished = asyncio.run(main())
+    assert unfinished == 0
+    assert [r.search_id for r in records] == [s.search_id for s in specs]
+    assert all(r.status is JobStatus.SUCCEEDED for r in records)
+    for log in events:  # exactly one terminal event, after contiguous progress
+        assert [e.terminal for e in log].count(True) == 1 and log[-1].terminal
+        generations = [json.loads(e.data)["generation"] for e in log[:-1]]
+        assert generations == list(range(1, len(generations) + 1))
+    assert_same_results([comparable(r.result) for r in records], reference(specs, reward="prm"))

@@ -1,0 +1,68 @@
+"""The Ray actor that holds models: a policy, a reward, or both (one combined actor per GPU).
+
+`ModelHost` is a plain class; `worker_pool` turns it into actors with `num_gpus`, `num_cpus`,
+`max_restarts` and `max_task_retries`. A restart re-runs `__init__`, so everything here is
+rebuildable: the models reload from their directories and the KV caches start empty (a miss is
+always correct). Methods are idempotent for the same reason Ray may call them twice: sampling is
+seeded per request, so a retried `extend` returns what the first attempt would have.
+
+The device is chosen inside the actor: Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted, so a
+`num_gpus=0.5` actor on a GPU node loads on CUDA and the same code with `num_gpus=0` runs on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from lodestar.workers.factory import ModelConfig, build_policy, build_reward
+from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+
+Role = Literal["policy", "reward"]
+
+
+class ModelHost:
+    """Serves `extend` and/or `score` for the searches routed to it; one call at a time."""
+
+    def __init__(self, config: ModelConfig, roles: Sequence[Role], threads: int | None = None):
+        unknown = set(roles) - {"policy", "reward"}
+        if unknown or not roles:
+            raise ValueError(f"roles must be a non-empty subset of policy, reward; got {roles}")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.roles = tuple(roles)
+        self.policy = build_policy(config) if "policy" in roles else None
+        self.reward = build_reward(config) if "reward" in roles else None
+
+    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+        if self.policy is None:
+            raise RuntimeError("this worker holds no policy")
+        return self.policy.extend(requests)
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+        if self.reward is None:
+            raise RuntimeError("this worker holds no reward model")
+        return self.reward.score(requests)
+
+    def release_prefix(self, prefix: str) -> int:
+        """Drop one search's caches from every model held here; returns how many."""
+        return sum(m.release_prefix(prefix) for m in (self.policy, self.reward) if m is not None)
+
+    def info(self) -> dict[str, Any]:
+        """Where this actor runs and what it has done: for placement checks and monitoring."""
+        import ray
+
+        stats = {role: getattr(self, role).stats() for role in self.roles}
+        device = str(self.policy.device) if self.policy is not None else "cpu"
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": device,
+            "torch_threads": torch.get_num_threads(),
+            "roles": list(self.roles),
+            "stats": stats,
+        }
