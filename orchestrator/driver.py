@@ -80,6 +80,19 @@ class OrchestratorConfig:
             raise ValueError("need 0 < scan_interval_s < lease_s (leases must be renewed in time)")
 
 
+def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation: int) -> dict:
+    """What a streaming client sees after each step: the spend so far and the best partial
+    solution (the text the search would answer with if it stopped now)."""
+    best = algorithm.result(state)
+    return {
+        "generation": generation,
+        "done": algorithm.is_done(state),
+        "spend": dataclasses.asdict(algorithm.common(state).spend),
+        "best": best.answer,
+        "best_final_answer": best.final_answer,
+    }
+
+
 def result_to_json(result: SearchResult) -> str:
     return json.dumps(dataclasses.asdict(result), allow_nan=True)
 
@@ -218,8 +231,7 @@ class Orchestrator:
                     return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
                 state = await algorithm.advance(state, scope, scope)
                 generation += 1
-                spend = dataclasses.asdict(algorithm.common(state).spend)
-                event = {"generation": generation, "done": algorithm.is_done(state), "spend": spend}
+                event = progress_event(algorithm, state, generation)
                 cancelled = await self.store.record_step(
                     sid, generation, algorithm.dumps(state), json.dumps(event).encode()
                 )

@@ -36,6 +36,21 @@ def _parse_param(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _search_params(algorithm: str, budget: int | None, param: list[str] | None) -> dict[str, Any]:
+    """Algorithm parameters from `-n` and `-p key=value` (for early rejection, `-n` sizes the
+    inner search)."""
+    params = _parse_param(param or [])
+    if budget is not None and algorithm != "greedy":
+        target = params.setdefault("inner_params", {}) if algorithm == "early_rejection" else params
+        target.setdefault("n", budget)
+    return params
+
+
+def _caps(max_tokens: int | None, max_prm_passes: int | None) -> dict[str, int]:
+    caps = {"max_generated_tokens": max_tokens, "max_prm_passes": max_prm_passes}
+    return {k: v for k, v in caps.items() if v is not None}
+
+
 @app.command()
 def solve(
     problem: Annotated[str, typer.Argument(help='The problem as a user writes it: "(7+5)*3".')],
@@ -67,12 +82,8 @@ def solve(
     from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
     from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 
-    params = _parse_param(param or [])
-    if budget is not None and algorithm != "greedy":
-        target = params.setdefault("inner_params", {}) if algorithm == "early_rejection" else params
-        target.setdefault("n", budget)
-    caps = {"max_generated_tokens": max_tokens, "max_prm_passes": max_prm_passes}
-    caps = {k: v for k, v in caps.items() if v is not None}
+    params = _search_params(algorithm, budget, param)
+    caps = _caps(max_tokens, max_prm_passes)
     job = SearchJob(algorithm, problem, params, seed, caps)
     try:  # validate before loading any model
         start_search(job.algorithm, job.problem, job.params, job.seed, job.budget)
@@ -103,5 +114,106 @@ def solve(
     console.print(table)
 
 
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
+    policy: Annotated[
+        Path | None, typer.Option(help="Policy model directory (default: the shipped policy).")
+    ] = None,
+    reward: Annotated[
+        str, typer.Option(help='"verifier", "prm" (the shipped PRM), or a PRM directory.')
+    ] = "verifier",
+    prm_family: Annotated[
+        str | None,
+        typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
+    ] = None,
+    redis: Annotated[
+        str | None,
+        typer.Option(envvar="LODESTAR_REDIS_URL", help="redis://host:port/db (default: memory)."),
+    ] = None,
+    ray_address: Annotated[
+        str, typer.Option(help='"local" starts a private Ray; "auto" / ray://... joins one.')
+    ] = "local",
+    policy_workers: Annotated[int, typer.Option(help="Policy actors.")] = 1,
+    reward_workers: Annotated[int, typer.Option(help="Reward actors.")] = 1,
+    num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0.5: two per GPU).")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="torch threads per actor.")] = None,
+    max_live: Annotated[int, typer.Option(help="Searches advancing at once.")] = 64,
+    max_queued: Annotated[int, typer.Option(help="Accepted searches waiting for a slot.")] = 1024,
+    auth_token: Annotated[
+        str | None,
+        typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Require 'authorization: Bearer <token>'."),
+    ] = None,
+) -> None:
+    """Serve the gRPC API: local Ray, model actors, the orchestrator and the state store."""
+    import logging
+
+    from lodestar.orchestrator.driver import OrchestratorConfig
+    from lodestar.orchestrator.worker_pool import PoolConfig
+    from lodestar.services.app import ServeConfig
+    from lodestar.services.app import serve as run
+    from lodestar.services.server import ServerConfig
+    from lodestar.workers.factory import ModelConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family)
+    reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
+    policy_name = policy.name if policy is not None else "arith-policy"
+    config = ServeConfig(
+        server=ServerConfig(
+            address=f"{host}:{port}",
+            auth_token=auth_token,
+            policy_model=policy_name,
+            reward_model=reward_name,
+        ),
+        pool=PoolConfig(
+            models=models,
+            policy_workers=policy_workers,
+            reward_workers=reward_workers,
+            num_gpus=num_gpus,
+            threads=threads,
+        ),
+        orchestrator=OrchestratorConfig(max_live=max_live, max_queued=max_queued),
+        store_url=redis or "memory://",
+        ray_address=ray_address,
+    )
+    asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
+
+
+@app.command()
+def search(
+    problem: Annotated[str, typer.Argument(help='The problem: "(7+5)*3".')],
+    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
+    budget: Annotated[
+        int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
+    ] = 8,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
+    max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Deadline in seconds.")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
+    ] = None,
+) -> None:
+    """Run a search on a server, showing its progress live."""
+    from lodestar.services.client import run_search
+
+    params = _search_params(algorithm, budget, param)
+    caps = _caps(max_tokens, max_prm_passes)
+    code = asyncio.run(
+        run_search(address, problem, algorithm, params, seed, caps, timeout, token, console)
+    )
+    raise typer.Exit(code)
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

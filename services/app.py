@@ -1,0 +1,66 @@
+"""`lodestar serve`: everything on one machine (or the front end of a cluster) in one process.
+
+Start order matters for probes: the gRPC port opens NOT_SERVING first, then the model actors
+load, then health turns SERVING. SIGINT/SIGTERM: health NOT_SERVING, in-flight calls get the
+grace period, unfinished jobs keep their checkpoints (another server resumes them from Redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
+from lodestar.orchestrator.state_store import open_state_store
+from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
+from lodestar.services.server import LodestarServer, ServerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
+    store_url: str = "memory://"
+    """memory:// (one process, nothing survives) or redis://host:port/db."""
+    ray_address: str = "local"
+    """"local" starts a private Ray; "auto" or "ray://host:10001" joins a cluster."""
+
+
+async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
+    """Run until SIGINT/SIGTERM."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+    stop = asyncio.Event()  # handlers after ray.init, which installs its own for SIGTERM
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    store = open_state_store(config.store_url)
+    await store.ping()
+    pool = RayWorkerPool(config.pool)
+    orchestrator = Orchestrator(store, pool, config.orchestrator)
+    server = LodestarServer(orchestrator, config.server)
+    try:
+        port = await server.start()
+        host = config.server.address.rpartition(":")[0]
+        announce(f"lodestar: listening on {host}:{port} (NOT_SERVING while models load)")
+        infos = await pool.ready()
+        await orchestrator.start()
+        await server.set_serving()
+        devices = ", ".join(sorted({i["device"] for i in infos}))
+        announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
+        await stop.wait()
+        announce("lodestar: shutting down")
+    finally:
+        await server.stop()
+        await orchestrator.close()
+        pool.shutdown()
+        await store.close()
+        ray.shutdown()

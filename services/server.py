@@ -1,0 +1,284 @@
+"""The gRPC front door: `lodestar.v1.SearchService` over an `Orchestrator`, plus health,
+reflection and optional bearer-token auth.
+
+The servicer translates and nothing more: wire -> `JobSpec` (validation stays in the algorithm
+registry), orchestrator errors -> status codes, records and events -> wire. A client that
+cancels, or whose deadline passes, cancels its search (workers free its caches at the next step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from lodestar.orchestrator.algorithms.registry import ParamError, start_search
+from lodestar.orchestrator.driver import Orchestrator, Overloaded
+from lodestar.orchestrator.state_store import (
+    JobExists,
+    JobNotFound,
+    JobRecord,
+    JobSpec,
+    JobStatus,
+    StateStoreUnavailable,
+)
+from lodestar.orchestrator.state_store.base import check_search_id
+from lodestar.services.convert import (
+    params_from_wire,
+    problem_from_wire,
+    progress_to_wire,
+    result_to_wire,
+    set_fields,
+    status_to_wire,
+    wire_path,
+)
+from lodestar.v1 import search_pb2 as pb
+from lodestar.v1 import search_pb2_grpc as pb_grpc
+from lodestar.workers.messages import prompt_from_json
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
+OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
+"""Reachable without a token: probes and tooling must work on a locked-down server."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    address: str = "127.0.0.1:50051"
+    max_message_bytes: int = 16 * 1024 * 1024
+    auth_token: str | None = None
+    """When set, every SearchService call needs `authorization: Bearer <token>`."""
+    max_generated_tokens: int = 1_000_000
+    """The most one search may generate; also the cap of a search that names none."""
+    max_prm_passes: int = 100_000
+    policy_model: str = "arith-policy"
+    """The names this deployment answers to; a request naming another model is refused."""
+    reward_model: str = "verifier"
+    grace_s: float = 5.0
+
+    @property
+    def channel_options(self) -> list[tuple[str, int]]:
+        """Message limits for both the server and its clients (gRPC's default is 4 MiB)."""
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+        ]
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@contextlib.asynccontextmanager
+async def status_codes(context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
+    """Every failure of a handler leaves as the status code that fits; none crashes the server."""
+    try:
+        yield
+    except asyncio.CancelledError:
+        raise
+    except grpc.aio.AbortError:
+        raise
+    except _Refused as e:
+        await context.abort(e.code, str(e))
+    except ParamError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Overloaded as e:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    except JobExists as e:
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+    except JobNotFound as e:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except StateStoreUnavailable as e:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    except Exception as e:
+        log.exception("%s failed", what)
+        await context.abort(grpc.StatusCode.INTERNAL, f"{what}: {type(e).__name__}: {e}")
+
+
+class SearchService(pb_grpc.SearchServiceServicer):
+    def __init__(self, orchestrator: Orchestrator, config: ServerConfig) -> None:
+        self.orchestrator = orchestrator
+        self.store = orchestrator.store
+        self.config = config
+
+    # -- searches --------------------------------------------------------------------------------
+
+    async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResult:
+        async with status_codes(context, "Search"):
+            spec = self._spec(request)
+            await self.orchestrator.submit(spec)
+            with self._cancel_on_disconnect(spec.search_id):
+                record = await self.orchestrator.wait(spec.search_id)
+            return self._final(record)
+
+    async def StreamSearch(
+        self, request: pb.SearchRequest, context: Any
+    ) -> AsyncIterator[pb.SearchEvent]:
+        async with status_codes(context, "StreamSearch"):
+            spec = self._spec(request)
+            await self.orchestrator.submit(spec)
+            with self._cancel_on_disconnect(spec.search_id):
+                async for event in self.store.follow(spec.search_id, wait_s=1.0):
+                    if event.terminal:
+                        break
+                    yield progress_to_wire(spec.search_id, json.loads(event.data))
+                record = await self.orchestrator.wait(spec.search_id)
+            yield pb.SearchEvent(search_id=spec.search_id, result=self._final(record))
+
+    async def GetSearch(self, request: pb.GetSearchRequest, context: Any) -> pb.SearchStatus:
+        async with status_codes(context, "GetSearch"):
+            return status_to_wire(await self._record(request.search_id))
+
+    async def CancelSearch(self, request: pb.CancelSearchRequest, context: Any) -> pb.SearchStatus:
+        async with status_codes(context, "CancelSearch"):
+            await self._record(request.search_id)  # NOT_FOUND before flagging anything
+            return status_to_wire(await self.orchestrator.cancel(request.search_id))
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _spec(self, request: pb.SearchRequest) -> JobSpec:
+        """The job a request asks for, validated in full before anything is stored."""
+        c = self.config
+        if request.policy_model and request.policy_model != c.policy_model:
+            raise ParamError("policy_model", f"this server serves {c.policy_model!r}")
+        if request.reward_model and request.reward_model != c.reward_model:
+            raise ParamError("reward_model", f"this server serves {c.reward_model!r}")
+        search_id = request.search_id or f"s-{uuid.uuid4().hex}"
+        try:
+            check_search_id(search_id)
+        except ValueError as e:
+            raise ParamError("search_id", str(e)) from None
+        problem = problem_from_wire(request.problem)
+        algorithm, params = params_from_wire(request.params)
+        budget = self._budget(set_fields(request.budget))
+        try:
+            start_search(algorithm, prompt_from_json(problem), params, request.seed, budget)
+        except ParamError as e:
+            raise wire_path(e, algorithm, params) from None
+        return JobSpec(search_id, algorithm, params, problem, request.seed, budget)
+
+    def _budget(self, asked: dict[str, int]) -> dict[str, int]:
+        caps = {
+            "max_generated_tokens": self.config.max_generated_tokens,
+            "max_prm_passes": self.config.max_prm_passes,
+        }
+        for key, value in asked.items():
+            if value > caps[key]:
+                raise ParamError(f"budget.{key}", f"at most {caps[key]} on this server")
+        return {**caps, **asked}
+
+    async def _record(self, search_id: str) -> JobRecord:
+        if not search_id:
+            raise ParamError("search_id", "must not be empty")
+        record = await self.store.get_job(search_id)
+        if record is None:
+            raise JobNotFound(search_id)
+        return record
+
+    def _final(self, record: JobRecord) -> pb.SearchResult:
+        if record.status is JobStatus.SUCCEEDED and record.result is not None:
+            return result_to_wire(record.result, record)
+        if record.status is JobStatus.CANCELLED:
+            raise _Refused(grpc.StatusCode.CANCELLED, f"search {record.search_id} was cancelled")
+        raise _Refused(
+            grpc.StatusCode.INTERNAL, f"search {record.search_id} failed: {record.error}"
+        )
+
+    @contextlib.contextmanager
+    def _cancel_on_disconnect(self, search_id: str) -> Iterator[None]:
+        """A client that goes away (cancel, deadline) takes its search with it."""
+        try:
+            yield
+        except asyncio.CancelledError:
+            log.info("search %s: client gone, cancelling", search_id)
+            task = asyncio.ensure_future(self.orchestrator.cancel(search_id))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            raise
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for SearchService calls without the token; health and reflection open."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service = details.method.lstrip("/").split("/")[0]
+        if handler is None or service in OPEN_SERVICES:
+            return handler
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return handler
+        return _refusal(handler)
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    codec = dict(
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream, **codec)
+    return grpc.unary_unary_rpc_method_handler(unary, **codec)
+
+
+class LodestarServer:
+    """The grpc.aio server: NOT_SERVING until `set_serving()` (workers ready), then SERVING."""
+
+    def __init__(self, orchestrator: Orchestrator, config: ServerConfig | None = None) -> None:
+        self.config = config = config or ServerConfig()
+        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        self.server = grpc.aio.server(interceptors=interceptors, options=config.channel_options)
+        self.service = SearchService(orchestrator, config)
+        pb_grpc.add_SearchServiceServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE, *OPEN_SERVICES), self.server)
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Bind and start; returns the port (useful with an address ending in :0)."""
+        self.port = self.server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.address}")
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        return self.port
+
+    async def set_serving(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self) -> None:
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(self.config.grace_s)
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, status)

@@ -1,0 +1,334 @@
+"""The gRPC service with a real grpc.aio server on a free loopback port and a real client; the
+orchestrator runs the shipped policy and the verifier in process (the distributed parts are
+tested in test_distributed.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
+from lodestar.orchestrator.inprocess import LocalWorkers
+from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
+from lodestar.orchestrator.state_store import JobStatus, StateStore, open_state_store
+from lodestar.services.server import SERVICE, LodestarServer, ServerConfig
+from lodestar.v1 import search_pb2 as pb
+from lodestar.v1 import search_pb2_grpc as pb_grpc
+from tests.runtime_parts import Paced, shipped_workers
+
+Code = grpc.StatusCode
+Client = Callable[[pb_grpc.SearchServiceStub, grpc.aio.Channel, LodestarServer], Awaitable[Any]]
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[Any, Any]:
+    return shipped_workers()
+
+
+def serve(
+    models: tuple[Any, Any],
+    client: Client,
+    *,
+    delay_s: float = 0.0,
+    store_url: str = "memory://",
+    orchestrator: dict[str, Any] | None = None,
+    serving: bool = True,
+    **config: Any,
+) -> Any:
+    """Start a server on 127.0.0.1:0, run `client` against it, stop it."""
+    policy = Paced(models[0], delay_s) if delay_s else models[0]
+
+    async def main() -> Any:
+        store = open_state_store(store_url)
+        orch = Orchestrator(
+            store, LocalWorkers(policy, models[1]), OrchestratorConfig(**(orchestrator or {}))
+        )
+        await orch.start()
+        server = LodestarServer(orch, ServerConfig(address="127.0.0.1:0", **config))
+        port = await server.start()
+        if serving:
+            await server.set_serving()
+        channel = grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=server.config.channel_options
+        )
+        try:
+            return await client(pb_grpc.SearchServiceStub(channel), channel, server)
+        finally:
+            await channel.close()
+            await server.stop()
+            await orch.close()
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def pf_request(
+    problem: str = "(7+5)*3-4", seed: int = 0, n: int = 4, **kw: Any
+) -> pb.SearchRequest:
+    return pb.SearchRequest(
+        problem=pb.Problem(text=problem),
+        params=pb.AlgorithmParams(pf=pb.ParticleFilterParams(n=n)),
+        seed=seed,
+        **kw,
+    )
+
+
+async def status_of(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+    return error.code(), error.details()
+
+
+def test_search_returns_the_result_with_its_spend(models) -> None:
+    async def client(stub, channel, server) -> pb.SearchResult:
+        return await stub.Search(pf_request(search_id="unary-1"))
+
+    result = serve(models, client)
+    engine = LocalEngine(*models, concurrency=1)
+    (alone,) = asyncio.run(engine.solve_all([SearchJob("pf", "(7+5)*3-4", {"n": 4}, 0)]))
+    assert result.search_id == "unary-1" and result.algorithm == "pf"
+    assert result.HasField("final_answer") and result.final_answer == alone.result.final_answer
+    assert result.answer == alone.result.answer
+    assert 0 <= result.chosen < len(result.candidates) == 4
+    assert result.candidates[result.chosen].text == result.answer
+    assert result.spend.generated_tokens > 0 and result.spend.steps >= 2
+    assert result.spend.wall_time_s > 0
+
+
+def test_stream_search_sends_every_step_in_order_then_the_same_result_as_search(models) -> None:
+    async def client(stub, channel, server) -> tuple[list[pb.SearchEvent], pb.SearchResult]:
+        events = [e async for e in stub.StreamSearch(pf_request(seed=3, search_id="stream-1"))]
+        unary = await stub.Search(pf_request(seed=3, search_id="stream-2"))
+        return events, unary
+
+    events, unary = serve(models, client)
+    progress, last = events[:-1], events[-1]
+    assert [e.WhichOneof("kind") for e in progress] == ["progress"] * len(progress)
+    assert [e.progress.step for e in progress] == list(range(1, len(progress) + 1))
+    assert last.WhichOneof("kind") == "result" and last.search_id == "stream-1"
+    assert progress[-1].progress.spend.generated_tokens == last.result.spend.generated_tokens
+    assert progress[-1].progress.best_partial == last.result.answer
+    for field in ("answer", "final_answer", "candidates", "stop_reason"):
+        assert getattr(last.result, field) == getattr(unary, field)
+
+
+def test_get_search_and_unknown_ids(models) -> None:
+    async def client(stub, channel, server) -> list[Any]:
+        await stub.Search(pf_request(search_id="get-1"))
+        found = await stub.GetSearch(pb.GetSearchRequest(search_id="get-1"))
+        errors = []
+        for rpc, request in (
+            (stub.GetSearch, pb.GetSearchRequest(search_id="nope")),
+            (stub.CancelSearch, pb.CancelSearchRequest(search_id="nope")),
+            (stub.GetSearch, pb.GetSearchRequest()),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await rpc(request)
+            errors.append(info.value.code())
+        return [found, errors]
+
+    found, errors = serve(models, client)
+    assert found.state == pb.SEARCH_STATE_SUCCEEDED and found.result.HasField("final_answer")
+    assert found.finished_at >= found.created_at > 0
+    assert errors == [Code.NOT_FOUND, Code.NOT_FOUND, Code.INVALID_ARGUMENT]
+
+
+def test_cancel_mid_stream_ends_the_stream_cancelled(models) -> None:
+    async def client(stub, channel, server) -> list[Any]:
+        request = pf_request("(9*8-7)*6+5", search_id="cancel-1", n=8)
+        call = stub.StreamSearch(request)
+        first = await call.read()
+        status = await stub.CancelSearch(pb.CancelSearchRequest(search_id="cancel-1"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        after = await stub.GetSearch(pb.GetSearchRequest(search_id="cancel-1"))
+        return [first, status, info.value.code(), after.state]
+
+    first, status, code, state = serve(models, client, delay_s=0.3)
+    assert first.progress.step == 1
+    assert status.state in (pb.SEARCH_STATE_RUNNING, pb.SEARCH_STATE_CANCELLED)
+    assert code is Code.CANCELLED and state == pb.SEARCH_STATE_CANCELLED
+
+
+async def wait_until_finished(store: StateStore, search_id: str) -> JobStatus:
+    for _ in range(200):
+        record = await store.get_job(search_id)
+        if record is not None and record.status.finished:
+            return record.status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{search_id} never finished")
+
+
+def test_a_client_that_goes_away_or_runs_out_of_time_cancels_its_search(models) -> None:
+    async def client(stub, channel, server) -> list[Any]:
+        store = server.service.store
+        call = stub.StreamSearch(pf_request("(9*8-7)*6+5", search_id="gone-1", n=8))
+        await call.read()
+        call.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Search(pf_request("(9*8-7)*6+5", search_id="late-1", n=8), timeout=0.5)
+        return [
+            await wait_until_finished(store, "gone-1"),
+            info.value.code(),
+            await wait_until_finished(store, "late-1"),
+        ]
+
+    gone, code, late = serve(models, client, delay_s=0.3)
+    assert gone is JobStatus.CANCELLED
+    assert code is Code.DEADLINE_EXCEEDED and late is JobStatus.CANCELLED
+
+
+BAD_REQUESTS = [
+    (pf_request(""), Code.INVALID_ARGUMENT, "problem"),
+    (pb.SearchRequest(problem=pb.Problem(text="1+2")), Code.INVALID_ARGUMENT, "params"),
+    (pf_request(n=0), Code.INVALID_ARGUMENT, "params.pf.n"),
+    (
+        pb.SearchRequest(
+            problem=pb.Problem(text="1+2"),
+            params=pb.AlgorithmParams(pf=pb.ParticleFilterParams(resampling="roulette")),
+        ),
+        Code.INVALID_ARGUMENT,
+        "params.pf.resampling",
+    ),
+    (
+        pb.SearchRequest(
+            problem=pb.Problem(text="1+2"),
+            params=pb.AlgorithmParams(
+                early_rejection=pb.EarlyRejectionParams(pf=pb.ParticleFilterParams(n=0))
+            ),
+        ),
+        Code.INVALID_ARGUMENT,
+        "params.early_rejection.pf.n",
+    ),
+    (
+        pf_request(budget=pb.Budget(max_generated_tokens=10**9)),
+        Code.INVALID_ARGUMENT,
+        "budget.max_generated_tokens",
+    ),
+    (
+        pf_request(budget=pb.Budget(max_prm_passes=0)),
+        Code.INVALID_ARGUMENT,
+        "budget.max_prm_passes",
+    ),
+    (pf_request(seed=2**63), Code.INVALID_ARGUMENT, "seed"),
+    (pf_request(search_id="has space"), Code.INVALID_ARGUMENT, "search_id"),
+    (pf_request(policy_model="gpt-9"), Code.INVALID_ARGUMENT, "policy_model"),
+    (
+        pb.SearchRequest(problem=pb.Problem(chat=pb.ChatMessages())),
+        Code.INVALID_ARGUMENT,
+        "problem",
+    ),
+]
+
+
+def test_every_bad_request_gets_its_status_code_naming_the_field(models) -> None:
+    async def client(stub, channel, server) -> list[tuple[Any, str]]:
+        out = []
+        for request, _, _ in BAD_REQUESTS:
+            for rpc in (stub.Search, stub.StreamSearch):
+                try:
+                    call = rpc(request)
+                    if rpc is stub.StreamSearch:
+                        [e async for e in call]
+                    else:
+                        await call
+                    out.append((Code.OK, ""))
+                except grpc.aio.AioRpcError as e:
+                    out.append((e.code(), e.details()))
+        await stub.Search(pf_request(search_id="dup-1"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Search(pf_request(search_id="dup-1"))
+        out.append((info.value.code(), info.value.details()))
+        stored = await server.service.store.list_unfinished()
+        return [out, len(stored)]
+
+    out, unfinished = serve(models, client)
+    expected = [(code, field) for _, code, field in BAD_REQUESTS for _ in range(2)]
+    expected.append((Code.ALREADY_EXISTS, "dup-1"))
+    assert len(out) == len(expected)
+    for (code, details), (want_code, field) in zip(out, expected, strict=True):
+        assert code is want_code, (details, field)
+        assert details.startswith(field) or field in details, (details, field)
+    assert unfinished == 0  # nothing invalid was stored or left running
+
+
+def test_admission_full_is_resource_exhausted(models) -> None:
+    async def client(stub, channel, server) -> grpc.StatusCode:
+        first = asyncio.ensure_future(stub.Search(pf_request("(9*8-7)*6+5", n=8)))
+        await asyncio.sleep(0.5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Search(pf_request())
+        await first
+        return info.value.code()
+
+    limits = {"max_live": 1, "max_queued": 0}
+    assert serve(models, client, delay_s=0.2, orchestrator=limits) is Code.RESOURCE_EXHAUSTED
+
+
+def test_a_state_store_outage_is_unavailable(models, redis_server) -> None:
+    redis_server.stop()
+
+    async def client(stub, channel, server) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Search(pf_request())
+        return info.value.code()
+
+    try:
+        assert serve(models, client, store_url=redis_server.url) is Code.UNAVAILABLE
+    finally:
+        redis_server.start()
+
+
+def test_bearer_token_guards_the_service_but_not_health_or_reflection(models) -> None:
+    async def client(stub, channel, server) -> list[Any]:
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.Search(pf_request())
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.Search(pf_request(), metadata=[("authorization", "Bearer nope")])
+        with pytest.raises(grpc.aio.AioRpcError) as streaming:
+            [e async for e in stub.StreamSearch(pf_request())]
+        ok = await stub.Search(pf_request(), metadata=[("authorization", "Bearer s3cret")])
+        health = health_pb2_grpc.HealthStub(channel)
+        probe = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        return [missing.value.code(), wrong.value.code(), streaming.value.code(), ok, probe]
+
+    missing, wrong, streaming, ok, probe = serve(models, client, auth_token="s3cret")
+    assert missing is wrong is streaming is Code.UNAUTHENTICATED
+    assert ok.HasField("final_answer")
+    assert probe.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_goes_serving_when_ready_and_not_serving_on_stop(models) -> None:
+    async def client(stub, channel, server) -> list[int]:
+        health = health_pb2_grpc.HealthStub(channel)
+        seen = []
+        for service in ("", SERVICE):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            seen.append(reply.status)
+        await server.set_serving()
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        seen.append(reply.status)
+        await server.stop()
+        reply = await server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), None)
+        seen.append(reply.status)
+        return seen
+
+    S = health_pb2.HealthCheckResponse
+    seen = serve(models, client, serving=False)
+    assert seen == [S.NOT_SERVING, S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
+
+
+def test_reflection_lists_the_service(models) -> None:
+    async def client(stub, channel, server) -> list[str]:
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for reply in reflect.ServerReflectionInfo(iter([request])):
+            return [s.name for s in reply.list_services_response.service]
+        return []
+
+    assert SERVICE in serve(models, client)
