@@ -39,7 +39,10 @@ class RequestBatcher(Generic[Req, Out]):
         self.max_wait_s = max_wait_s
         self._pending: deque[tuple[list[Req], asyncio.Future[list[Out]]]] = deque()
         self._task: asyncio.Task[None] | None = None
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        """Sizes of the most recent calls (bounded: a server runs for weeks)."""
+        self.on_batch: Callable[[int], None] | None = None
+        """Called with each call's size (metrics)."""
 
     async def submit(self, requests: Sequence[Req]) -> list[Out]:
         if not requests:
@@ -79,6 +82,8 @@ class RequestBatcher(Generic[Req, Out]):
     async def _dispatch(self, batch: list[tuple[list[Req], asyncio.Future[list[Out]]]]) -> None:
         flat = [r for reqs, _ in batch for r in reqs]
         self.batch_sizes.append(len(flat))
+        if self.on_batch is not None:
+            self.on_batch(len(flat))
         try:
             outs = await self._call(flat)
             if len(outs) != len(flat):
@@ -143,3 +148,7 @@ class Workers(Protocol):
     def scope(self, search_id: str) -> SearchScope: ...
 
     async def release(self, search_id: str) -> None: ...
+
+    def batchers(self) -> dict[str, list[RequestBatcher[Any, Any]]]:
+        """The batchers by role ("policy", "reward"), for metrics."""
+        ...

@@ -27,9 +27,11 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from lodestar.orchestrator.algorithms.base import SearchAlgorithm
 from lodestar.orchestrator.algorithms.registry import algorithm_for_checkpoint, start_search
@@ -80,6 +82,15 @@ class OrchestratorConfig:
             raise ValueError("need 0 < scan_interval_s < lease_s (leases must be renewed in time)")
 
 
+class SearchObserver(Protocol):
+    """What the orchestrator reports as it runs (the service's metrics implement it)."""
+
+    def step(self, seconds: float, spent: Mapping[str, int]) -> None:
+        """One step took `seconds` and spent `spent` (deltas of the Spend fields)."""
+
+    def search_finished(self, status: JobStatus) -> None: ...
+
+
 def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation: int) -> dict:
     """What a streaming client sees after each step: the spend so far and the best partial
     solution (the text the search would answer with if it stopped now)."""
@@ -101,11 +112,16 @@ class Orchestrator:
     """Accepts, runs, resumes and cancels searches; `start()` before use, `close()` after."""
 
     def __init__(
-        self, store: StateStore, workers: Workers, config: OrchestratorConfig | None = None
+        self,
+        store: StateStore,
+        workers: Workers,
+        config: OrchestratorConfig | None = None,
+        observer: SearchObserver | None = None,
     ) -> None:
         self.store = store
         self.workers = workers
         self.config = config or OrchestratorConfig()
+        self.observer = observer
         self._slots = asyncio.Semaphore(self.config.max_live)
         self._tasks: dict[str, asyncio.Task[JobRecord]] = {}
         self._running: set[str] = set()
@@ -153,6 +169,12 @@ class Orchestrator:
         if self.accepted >= limit:
             raise Overloaded(limit)
         record = await self.store.create_job(spec)
+        log.info(
+            "search %s accepted (%s)",
+            spec.search_id,
+            spec.algorithm,
+            extra={"search_id": spec.search_id},
+        )
         self._spawn(spec.search_id)
         return record
 
@@ -188,7 +210,9 @@ class Orchestrator:
         self._tasks.pop(search_id, None)
         self._lost.discard(search_id)
         if not task.cancelled() and task.exception() is not None:  # retrieved: waiters re-raise
-            log.warning("search %s: %s", search_id, task.exception())
+            log.warning(
+                "search %s: %s", search_id, task.exception(), extra={"search_id": search_id}
+            )
 
     async def _run(self, search_id: str) -> JobRecord:
         async with self._slots:
@@ -199,7 +223,12 @@ class Orchestrator:
             try:
                 return await self._drive(record)
             except (StaleWriter, LeaseLost, InvalidTransition) as e:
-                log.info("search %s moved to another owner: %s", search_id, e)
+                log.info(
+                    "search %s moved to another owner: %s",
+                    search_id,
+                    e,
+                    extra={"search_id": search_id},
+                )
                 return await self._follow_to_end(search_id)
             finally:
                 self._running.discard(search_id)
@@ -229,7 +258,13 @@ class Orchestrator:
                     raise LeaseLost(f"search {sid!r} was claimed by another orchestrator")
                 if cancelled:
                     return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
+                before = dataclasses.asdict(algorithm.common(state).spend)
+                started = time.perf_counter()
                 state = await algorithm.advance(state, scope, scope)
+                if self.observer is not None:
+                    after = dataclasses.asdict(algorithm.common(state).spend)
+                    spent = {k: after[k] - before[k] for k in after}
+                    self.observer.step(time.perf_counter() - started, spent)
                 generation += 1
                 event = progress_event(algorithm, state, generation)
                 cancelled = await self.store.record_step(
@@ -238,7 +273,7 @@ class Orchestrator:
         except (StateStoreUnavailable, StaleWriter, LeaseLost, InvalidTransition):
             raise
         except Exception as e:  # a worker gave up, or a model produced something unusable
-            log.exception("search %s failed", sid)
+            log.exception("search %s failed", sid, extra={"search_id": sid})
             return await self._finish(sid, JobStatus.FAILED, error=f"{type(e).__name__}: {e}")
         result = algorithm.result(state)
         return await self._finish(
@@ -262,6 +297,9 @@ class Orchestrator:
         record = await self.store.update_job(
             sid, status=status, result=result, error=error, spend=spend
         )
+        if self.observer is not None:
+            self.observer.search_finished(status)
+        log.info("search %s %s", sid, status, extra={"search_id": sid, "status": str(status)})
         event = {"status": str(status), "final_answer": final_answer, "error": error}
         with contextlib.suppress(StreamClosed):
             await self.store.append_event(sid, json.dumps(event).encode(), terminal=True)
@@ -297,7 +335,9 @@ class Orchestrator:
                 await self.store.renew_lease(sid, self.owner, self.config.lease_s)
             except LeaseLost:
                 if sid in self._running:  # not merely finished since the snapshot
-                    log.warning("search %s: lease lost, stopping here", sid)
+                    log.warning(
+                        "search %s: lease lost, stopping here", sid, extra={"search_id": sid}
+                    )
                     self._lost.add(sid)
 
     async def _claim_orphans(self) -> None:
@@ -306,5 +346,9 @@ class Orchestrator:
             return
         for record in await self.store.claim_orphans(self.owner, self.config.lease_s, free):
             if record.search_id not in self._tasks:
-                log.info("resuming orphaned search %s", record.search_id)
+                log.info(
+                    "resuming orphaned search %s",
+                    record.search_id,
+                    extra={"search_id": record.search_id},
+                )
                 self._spawn(record.search_id)

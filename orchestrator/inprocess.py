@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from lodestar.orchestrator.batching import RequestBatcher, SearchScope
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
@@ -64,6 +64,9 @@ class LocalWorkers:
 
     def scope(self, search_id: str) -> SearchScope:
         return SearchScope(search_id, self.policy_batcher.submit, self.reward_batcher.submit)
+
+    def batchers(self) -> dict[str, list[RequestBatcher[Any, Any]]]:
+        return {"policy": [self.policy_batcher], "reward": [self.reward_batcher]}
 
     async def release(self, search_id: str) -> None:
         prefix = SearchScope.prefix_of(search_id)

@@ -75,4 +75,4 @@ class LocalEngine:
 
     @property
     def policy_batch_sizes(self) -> list[int]:
-        return self.workers.policy_batcher.batch_sizes
+        return list(self.workers.policy_batcher.batch_sizes)

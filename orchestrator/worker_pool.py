@@ -124,6 +124,12 @@ class RayWorkerPool:
         self._assigned[search_id] = (policy, reward)
         return SearchScope(search_id, policy.extend.submit, reward.score.submit)
 
+    def batchers(self) -> dict[str, list[RequestBatcher[Any, Any]]]:
+        return {
+            "policy": [m.extend for m in self.policy_members],
+            "reward": [m.score for m in self.reward_members],
+        }
+
     async def release(self, search_id: str) -> None:
         """Forget the search's placement and drop its caches; a dead actor has none to drop."""
         placed = self._assigned.pop(search_id, None)

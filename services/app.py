@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.state_store import open_state_store
 from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
+from lodestar.services.metrics import Metrics
 from lodestar.services.server import LodestarServer, ServerConfig
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,8 @@ class ServeConfig:
     """memory:// (one process, nothing survives) or redis://host:port/db."""
     ray_address: str = "local"
     """"local" starts a private Ray; "auto" or "ray://host:10001" joins a cluster."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics at http://0.0.0.0:<port>/metrics; None: off."""
 
 
 async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
@@ -46,19 +49,27 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
     await store.ping()
     pool = RayWorkerPool(config.pool)
     orchestrator = Orchestrator(store, pool, config.orchestrator)
+    metrics = Metrics()
+    metrics.watch(orchestrator)
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
     server = LodestarServer(orchestrator, config.server)
+    poller = None
     try:
         port = await server.start()
         host = config.server.address.rpartition(":")[0]
         announce(f"lodestar: listening on {host}:{port} (NOT_SERVING while models load)")
         infos = await pool.ready()
         await orchestrator.start()
+        poller = asyncio.create_task(metrics.poll_workers(pool))
         await server.set_serving()
         devices = ", ".join(sorted({i["device"] for i in infos}))
         announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
         await stop.wait()
         announce("lodestar: shutting down")
     finally:
+        if poller is not None:
+            poller.cancel()
         await server.stop()
         await orchestrator.close()
         pool.shutdown()

@@ -145,18 +145,25 @@ def serve(
         str | None,
         typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Require 'authorization: Bearer <token>'."),
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Prometheus /metrics on this port (default: off).")
+    ] = None,
+    log_format: Annotated[
+        str, typer.Option(help='"text" or "json" (one object per line).')
+    ] = "text",
 ) -> None:
     """Serve the gRPC API: local Ray, model actors, the orchestrator and the state store."""
-    import logging
-
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
     from lodestar.services.app import ServeConfig
     from lodestar.services.app import serve as run
+    from lodestar.services.logs import configure_logging
     from lodestar.services.server import ServerConfig
     from lodestar.workers.factory import ModelConfig
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter('"text" or "json"', param_hint="--log-format")
+    configure_logging(log_format)  # type: ignore[arg-type]
     models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family)
     reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
     policy_name = policy.name if policy is not None else "arith-policy"
@@ -177,6 +184,7 @@ def serve(
         orchestrator=OrchestratorConfig(max_live=max_live, max_queued=max_queued),
         store_url=redis or "memory://",
         ray_address=ray_address,
+        metrics_port=metrics_port,
     )
     asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 

@@ -17,6 +17,8 @@ from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
 from lodestar.orchestrator.state_store import JobStatus, StateStore, open_state_store
+from lodestar.services.logs import JsonFormatter
+from lodestar.services.metrics import Metrics
 from lodestar.services.server import SERVICE, LodestarServer, ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
@@ -39,6 +41,7 @@ def serve(
     store_url: str = "memory://",
     orchestrator: dict[str, Any] | None = None,
     serving: bool = True,
+    metrics: Metrics | None = None,
     **config: Any,
 ) -> Any:
     """Start a server on 127.0.0.1:0, run `client` against it, stop it."""
@@ -49,6 +52,8 @@ def serve(
         orch = Orchestrator(
             store, LocalWorkers(policy, models[1]), OrchestratorConfig(**(orchestrator or {}))
         )
+        if metrics is not None:
+            metrics.watch(orch)
         await orch.start()
         server = LodestarServer(orch, ServerConfig(address="127.0.0.1:0", **config))
         port = await server.start()
@@ -332,3 +337,64 @@ def test_reflection_lists_the_service(models) -> None:
         return []
 
     assert SERVICE in serve(models, client)
+
+
+def sample(text: str, name: str, labels: str = "") -> float:
+    for line in text.splitlines():
+        if line.startswith(f"{name}{labels} "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name}{labels} not exported")
+
+
+def test_metrics_count_searches_steps_batches_tokens_and_cache_hits(models) -> None:
+    metrics = Metrics()
+
+    async def client(stub, channel, server) -> list[pb.SearchResult]:
+        return [await stub.Search(pf_request(seed=s)) for s in range(2)]
+
+    results = serve(models, client, metrics=metrics)
+    metrics.record_worker_stats([{"pid": 1, "stats": {"policy": models[0].stats()}}])
+    text = metrics.text()
+    assert sample(text, "lodestar_searches_finished_total", '{state="succeeded"}') == 2
+    assert sample(text, "lodestar_step_seconds_count") == sum(r.spend.steps for r in results)
+    tokens = sum(r.spend.generated_tokens for r in results)
+    assert sample(text, "lodestar_generated_tokens_total") == tokens
+    assert sample(text, "lodestar_worker_batch_size_count", '{role="policy"}') >= 2
+    assert (
+        sample(text, "lodestar_kv_cache_hits_total", '{role="policy"}') == models[0].stats()["hits"]
+    )
+    assert sample(text, "lodestar_searches_live") == 0
+
+
+def test_json_logs_carry_the_search_id(models) -> None:
+    import json
+    import logging
+
+    lines: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(self.format(record))
+
+    handler = Collect()
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("lodestar")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+
+    async def client(stub, channel, server) -> None:
+        await stub.Search(pf_request(search_id="logged-1"))
+
+    try:
+        serve(models, client)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    docs = [json.loads(line) for line in lines]
+    mine = [d for d in docs if d.get("search_id") == "logged-1"]
+    assert [d["msg"] for d in mine] == [
+        "search logged-1 accepted (pf)",
+        "search logged-1 succeeded",
+    ]
+    assert all({"ts", "level", "logger"} <= d.keys() for d in mine)
