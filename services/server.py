@@ -203,7 +203,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
         try:
             yield
         except asyncio.CancelledError:
-            log.info("search %s: client gone, cancelling", search_id)
+            log.info(
+                "search %s: client gone, cancelling", search_id, extra={"search_id": search_id}
+            )
             task = asyncio.ensure_future(self.orchestrator.cancel(search_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             raise

@@ -1,4 +1,5 @@
-"""Search-state store: job records, checkpoints, progress events and cancellation per search.
+"""Search-state store: job records, checkpoints, progress events and cancellation per search, and
+batch records over many searches.
 
 `open_state_store(url)` picks the backend: `memory://` for one process (nothing shared, nothing
 survives), `redis://...` for the distributed runtime. Redis is imported only when asked for.
@@ -9,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from lodestar.orchestrator.state_store.base import (
+    BatchExists,
+    BatchNotFound,
+    BatchRecord,
+    BatchResult,
     Checkpoint,
     InvalidTransition,
     JobExists,
@@ -43,6 +48,10 @@ def open_state_store(url: str, **settings: Any) -> StateStore:
 
 
 __all__ = [
+    "BatchExists",
+    "BatchNotFound",
+    "BatchRecord",
+    "BatchResult",
     "Checkpoint",
     "InvalidTransition",
     "JobExists",

@@ -17,16 +17,27 @@ Contracts shared by both backends:
 - Progress events get offsets 1, 2, 3, ... per search; a terminal event closes the log.
 - Any failure to reach the backing service raises `StateStoreUnavailable` within bounded time.
 
-Batch records (SubmitBatch/GetBatch) will be a second record kind beside jobs: a `BatchRecord`
-dataclass, its own abstract methods in a `BatchStore` ABC that the backends also implement, and
-keys under `lodestar:batch:{<batch_id>}:...` (see `redis_keys`).
+Batches (SubmitBatch/GetBatch) are a second record kind beside jobs: many searches submitted
+together and followed as one unit. Their methods sit on `StateStore` itself (every backend must
+implement them), and their contract is:
+
+- `create_batch` creates the batch record and one queued job per item, all or nothing: a taken
+  batch id (`BatchExists`) or search id (`JobExists`) leaves no record and no job behind. Items
+  carry `batch_id` / `batch_index` in their `JobSpec`; `create_job` refuses such specs, so every
+  job naming a batch is one of its items.
+- When an item's job finishes (`update_job`), the batch counts it by terminal status and appends
+  a `BatchResult` to its result log (offsets 1, 2, 3, ... in finish order), exactly once per job:
+  a retried `update_job` (InvalidTransition on the finished job) re-runs the idempotent batch step
+  instead of counting twice. Where that step is a separate write (Redis), a crash between the two
+  leaves the batch one short until `reconcile_batch` recounts from the jobs.
+- Once every item has finished, the batch's keys expire after `finished_ttl_s`, like a job's.
 """
 
 from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
@@ -75,6 +86,21 @@ class JobNotFound(StateStoreError, KeyError):
 class JobExists(StateStoreError):
     def __init__(self, search_id: str) -> None:
         super().__init__(f"a job for search {search_id!r} already exists")
+        self.search_id = search_id
+
+
+class BatchNotFound(StateStoreError, KeyError):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"no batch {batch_id!r}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class BatchExists(StateStoreError):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"a batch {batch_id!r} already exists")
+        self.batch_id = batch_id
 
 
 class InvalidTransition(StateStoreError):
@@ -140,6 +166,17 @@ class JobSpec:
     problem: JSON
     seed: int
     budget: dict[str, JSON] | None = None
+    batch_id: str | None = None
+    """The batch this search is an item of (set by the service for SubmitBatch items)."""
+    batch_index: int | None = None
+    """The item's 0-based position in its batch; set exactly when `batch_id` is."""
+
+    def __post_init__(self) -> None:
+        if (self.batch_id is None) != (self.batch_index is None):
+            raise ValueError("batch_id and batch_index must be both set or both None")
+        index = self.batch_index
+        if index is not None and (type(index) is not int or index < 0):
+            raise ValueError(f"batch_index must be an int >= 0, got {index!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +214,49 @@ class ProgressEvent:
     terminal: bool = False
 
 
+BATCH_COUNTED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+"""The statuses a batch counts its finished items by, in `BatchRecord.counts` order."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRecord:
+    """A batch as stored: its size and shared settings, and how many of its items have finished."""
+
+    batch_id: str
+    size: int
+    settings: JSON
+    """Settings every item shares, stored for the service and returned as given (opaque here)."""
+    created_at: float
+    counts: dict[str, int]
+    """Finished items by terminal status name; always holds every status of `BATCH_COUNTED`."""
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def done(self) -> bool:
+        return self.finished == self.size
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """One finished item, as the batch's result log records it."""
+
+    offset: int
+    """1-based position in the batch's result log (finish order); read after it to continue."""
+    search_id: str
+    index: int
+    """The item's `batch_index`."""
+    status: JobStatus
+
+
+def batch_counts(counts: Mapping[str, int] | None = None) -> dict[str, int]:
+    """`counts` with every counted status present (absent ones are 0)."""
+    counts = counts or {}
+    return {status.value: int(counts.get(status.value, 0)) for status in BATCH_COUNTED}
+
+
 @dataclass(frozen=True)
 class StoreConfig:
     """Settings every backend shares. Validated here, trusted below."""
@@ -194,7 +274,8 @@ class StoreConfig:
 
 
 class StateStore(ABC):
-    """Async store of jobs, checkpoints, progress events and cancellation flags, per search."""
+    """Async store of jobs, checkpoints, progress events and cancellation flags, per search, and
+    of batch records over many searches."""
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -318,6 +399,38 @@ class StateStore(ABC):
     @abstractmethod
     async def is_cancelled(self, search_id: str) -> bool: ...
 
+    # -- batches --------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_batch(
+        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+    ) -> BatchRecord:
+        """Create the batch record and one queued job per spec, all or nothing.
+
+        Spec i must carry `batch_id` and `batch_index == i` (else `ValueError`). Raises
+        `BatchExists` or `JobExists` when an id is taken, leaving nothing new behind. The jobs are
+        ordinary jobs from then on (`list_unfinished`, `claim_orphans`, ...).
+        """
+
+    @abstractmethod
+    async def get_batch(self, batch_id: str) -> BatchRecord | None: ...
+
+    @abstractmethod
+    async def read_batch_results(
+        self, batch_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[BatchResult]:
+        """Finished items with offset > `after`, in finish order, at most `limit`.
+
+        Waits like `read_events` (up to `wait_s` for the next one; empty when it timed out).
+        Raises `BatchNotFound` for an unknown (or expired) batch.
+        """
+
+    @abstractmethod
+    async def reconcile_batch(self, batch_id: str) -> BatchRecord:
+        """Count every finished item the batch has missed (read from the jobs themselves) and
+        return the repaired record. Idempotent; the repair for a crash between a job finishing
+        and its batch step. Raises `BatchNotFound`."""
+
 
 def validate_write(search_id: str, generation: int, data: bytes) -> None:
     check_search_id(search_id)
@@ -332,6 +445,35 @@ def validate_lease(owner: str, lease_s: float) -> None:
         raise ValueError("owner must be a non-empty orchestrator id")
     if not lease_s > 0:
         raise ValueError("lease_s must be > 0")
+
+
+def validate_batch(batch_id: str, specs: Sequence[JobSpec]) -> None:
+    """Refuse a batch whose items do not name it, in order, with distinct valid search ids: the
+    finish step trusts `batch_index` and the search id to find an item."""
+    check_search_id(batch_id)
+    if not specs:
+        raise ValueError(f"batch {batch_id!r} has no items")
+    seen: set[str] = set()
+    for i, spec in enumerate(specs):
+        check_search_id(spec.search_id)
+        if spec.batch_id != batch_id or spec.batch_index != i:
+            raise ValueError(
+                f"item {i} of batch {batch_id!r} must have batch_id={batch_id!r} and "
+                f"batch_index={i}, got {spec.batch_id!r} and {spec.batch_index!r}"
+            )
+        if spec.search_id in seen:
+            raise ValueError(f"search id {spec.search_id!r} appears twice in batch {batch_id!r}")
+        seen.add(spec.search_id)
+
+
+def check_single_job(spec: JobSpec) -> None:
+    """`create_job` is for lone searches: a batch item made outside `create_batch` would be
+    counted by a batch that never listed it."""
+    check_search_id(spec.search_id)
+    if spec.batch_id is not None:
+        raise ValueError(
+            f"search {spec.search_id!r} names batch {spec.batch_id!r}: use create_batch"
+        )
 
 
 def validate_read(after: int, limit: int, wait_s: float) -> None:

@@ -9,13 +9,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
+import json
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lodestar.orchestrator.state_store.base import (
+    JSON,
+    BatchExists,
+    BatchNotFound,
+    BatchRecord,
+    BatchResult,
     Checkpoint,
+    InvalidTransition,
     JobExists,
     JobNotFound,
     JobRecord,
@@ -27,12 +35,18 @@ from lodestar.orchestrator.state_store.base import (
     StateStore,
     StoreConfig,
     StreamClosed,
+    batch_counts,
     check_search_id,
+    check_single_job,
     check_transition,
+    validate_batch,
     validate_lease,
     validate_read,
     validate_write,
 )
+
+_Kind = Literal["search", "batch"]
+"""Expiry is per record kind: a batch id may equal a search id."""
 
 
 @dataclass(slots=True)
@@ -40,6 +54,16 @@ class _EventLog:
     events: deque[ProgressEvent]
     last_offset: int = 0
     closed: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+@dataclass(slots=True)
+class _Batch:
+    record: BatchRecord
+    items: list[str]
+    """Search ids by batch_index."""
+    results: list[BatchResult] = field(default_factory=list)
+    counted: set[str] = field(default_factory=set)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
@@ -53,8 +77,9 @@ class MemoryStateStore(StateStore):
         self._checkpoints: dict[str, Checkpoint] = {}
         self._logs: dict[str, _EventLog] = {}
         self._cancelled: set[str] = set()
-        self._expires: dict[str, float] = {}  # search id -> time.monotonic() deadline
-        self._expiry_heap: list[tuple[float, str]] = []
+        self._batches: dict[str, _Batch] = {}
+        self._expires: dict[tuple[_Kind, str], float] = {}  # -> time.monotonic() deadline
+        self._expiry_heap: list[tuple[float, _Kind, str]] = []
 
     async def ping(self) -> None:
         return None
@@ -84,7 +109,7 @@ class MemoryStateStore(StateStore):
     # -- jobs -----------------------------------------------------------------------------------
 
     async def create_job(self, spec: JobSpec) -> JobRecord:
-        check_search_id(spec.search_id)
+        check_single_job(spec)
         self._purge()
         if spec.search_id in self._jobs:
             raise JobExists(spec.search_id)
@@ -106,6 +131,29 @@ class MemoryStateStore(StateStore):
         result: str | None = None,
         error: str | None = None,
     ) -> JobRecord:
+        try:
+            job = await self._update_job_only(
+                search_id, status=status, spend=spend, result=result, error=error
+            )
+        except InvalidTransition:
+            finished = self._jobs.get(search_id)
+            if finished is not None and finished.status.finished:
+                await self._finish_batch_item(finished)  # same contract as Redis: retry heals
+            raise
+        if job.status.finished:
+            await self._finish_batch_item(job)
+        return job
+
+    async def _update_job_only(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """`update_job` without its batch step (tests use it to open the crash window)."""
         job = self._existing(search_id)
         target = JobStatus(status) if status is not None else job.status
         check_transition(search_id, job.status, target)
@@ -121,7 +169,7 @@ class MemoryStateStore(StateStore):
             changes["started_at"] = now
         if target.finished:
             changes.update(finished_at=now, lease_expires_at=None)
-            self._expire_later(search_id)
+            self._expire_later("search", search_id)
         job = self._jobs[search_id] = dataclasses.replace(job, **changes)
         return job
 
@@ -209,6 +257,87 @@ class MemoryStateStore(StateStore):
         self._purge()
         return search_id in self._cancelled
 
+    # -- batches -------------------------------------------------------------------------------
+
+    async def create_batch(
+        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+    ) -> BatchRecord:
+        specs = list(specs)
+        validate_batch(batch_id, specs)
+        settings = json.loads(json.dumps(settings))  # what Redis would give back
+        self._purge()
+        if batch_id in self._batches:
+            raise BatchExists(batch_id)
+        for spec in specs:  # every check before the first write: all or nothing
+            if spec.search_id in self._jobs:
+                raise JobExists(spec.search_id)
+        now = self._clock()
+        for spec in specs:
+            self._jobs[spec.search_id] = JobRecord(spec, JobStatus.QUEUED, created_at=now)
+        record = BatchRecord(batch_id, len(specs), settings, now, batch_counts())
+        self._batches[batch_id] = _Batch(record, [spec.search_id for spec in specs])
+        return record
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        check_search_id(batch_id)
+        self._purge()
+        batch = self._batches.get(batch_id)
+        return batch.record if batch else None
+
+    async def read_batch_results(
+        self, batch_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[BatchResult]:
+        validate_read(after, limit, wait_s)
+        batch = self._existing_batch(batch_id)
+        if len(batch.results) <= after and wait_s > 0:
+            async with batch.changed:
+                try:
+                    await asyncio.wait_for(
+                        batch.changed.wait_for(lambda: len(batch.results) > after), wait_s
+                    )
+                except TimeoutError:
+                    return []
+        return batch.results[after : after + limit]  # offset n sits at position n - 1
+
+    async def reconcile_batch(self, batch_id: str) -> BatchRecord:
+        batch = self._existing_batch(batch_id)
+        for search_id in batch.items:
+            job = self._jobs.get(search_id)
+            if job is not None and job.status.finished and search_id not in batch.counted:
+                await self._finish_batch_item(job)
+        return batch.record
+
+    async def _finish_batch_item(self, job: JobRecord) -> bool:
+        """Count a finished item in its batch, once; True if this call counted it."""
+        batch_id, index = job.spec.batch_id, job.spec.batch_index
+        self._purge()
+        batch = self._batches.get(batch_id) if batch_id is not None else None
+        if batch is None or index is None or not job.status.finished:
+            return False
+        if index >= len(batch.items) or batch.items[index] != job.search_id:
+            return False
+        if job.search_id in batch.counted:
+            return False
+        batch.counted.add(job.search_id)
+        counts = dict(batch.record.counts)
+        counts[job.status.value] += 1
+        batch.record = dataclasses.replace(batch.record, counts=counts)
+        offset = len(batch.results) + 1
+        batch.results.append(BatchResult(offset, job.search_id, index, job.status))
+        if batch.record.done:
+            self._expire_later("batch", batch.record.batch_id)
+        async with batch.changed:
+            batch.changed.notify_all()
+        return True
+
+    def _existing_batch(self, batch_id: str) -> _Batch:
+        check_search_id(batch_id)
+        self._purge()
+        batch = self._batches.get(batch_id)
+        if batch is None:
+            raise BatchNotFound(batch_id)
+        return batch
+
     # -- internals ------------------------------------------------------------------------------
 
     def _existing(self, search_id: str) -> JobRecord:
@@ -237,19 +366,24 @@ class MemoryStateStore(StateStore):
             log = self._logs[search_id] = _EventLog(deque(maxlen=self.config.events_maxlen))
         return log
 
-    def _expire_later(self, search_id: str) -> None:
+    def _expire_later(self, kind: _Kind, key: str) -> None:
         deadline = time.monotonic() + self.config.finished_ttl_s
-        self._expires[search_id] = deadline
-        heapq.heappush(self._expiry_heap, (deadline, search_id))
+        self._expires[kind, key] = deadline
+        heapq.heappush(self._expiry_heap, (deadline, kind, key))
 
     def _purge(self) -> None:
-        """Drop every search whose TTL has run out (what Redis does with expiring keys)."""
+        """Drop every search and batch whose TTL has run out (what Redis does with expiring
+        keys)."""
         now = time.monotonic()
         while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            deadline, search_id = heapq.heappop(self._expiry_heap)
-            if self._expires.get(search_id) != deadline:
+            deadline, kind, key = heapq.heappop(self._expiry_heap)
+            if self._expires.get((kind, key)) != deadline:
                 continue
-            del self._expires[search_id]
+            del self._expires[kind, key]
+            if kind == "batch":
+                self._batches.pop(key, None)
+                continue
+            search_id = key
             self._jobs.pop(search_id, None)
             self._checkpoints.pop(search_id, None)
             self._logs.pop(search_id, None)

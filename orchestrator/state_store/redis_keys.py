@@ -8,9 +8,18 @@ in one Redis Cluster slot and a Lua script may touch them all.
     lodestar:jobs:unfinished    ZSET    search id -> lease expiry (creation time if never
                                         claimed): claimable when the score is in the past
 
+A batch's keys share the hash tag `{<batch_id>}` (a slot of their own, whatever its items' slots):
+
+    lodestar:batch:{<id>}:meta     HASH    size, settings (JSON), created_at, and one count per
+                                           terminal status: succeeded, failed, cancelled
+    lodestar:batch:{<id>}:items    LIST    search ids by batch_index (what reconcile walks)
+    lodestar:batch:{<id>}:counted  SET     search ids already counted: the finish step's guard
+    lodestar:batch:{<id>}:results  STREAM  ids 0-1, 0-2, ... in finish order; fields
+                                           s = search id, i = batch_index, st = status
+
 The `jobs:unfinished` index lives in its own slot, so scripts never touch it: it is updated
-beside them and self-heals (ids of missing or finished jobs are dropped when met).
-Batch records will follow the same pattern under `lodestar:batch:{<batch_id>}:...`.
+beside them and self-heals (ids of missing or finished jobs are dropped when met). Likewise a
+job and its batch are in different slots, so finishing a batch item is two scripts, job first.
 """
 
 from __future__ import annotations
@@ -33,6 +42,23 @@ class SearchKeys:
     def all(self) -> list[str]:
         """In the order the Lua scripts expect them as KEYS."""
         return [self.job, self.checkpoint, self.events, self.cancel]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchKeys:
+    meta: str
+    items: str
+    counted: str
+    results: str
+
+    @classmethod
+    def of(cls, prefix: str, batch_id: str) -> BatchKeys:
+        base = f"{prefix}:batch:{{{batch_id}}}"
+        return cls(f"{base}:meta", f"{base}:items", f"{base}:counted", f"{base}:results")
+
+    def all(self) -> list[str]:
+        """In the order the batch Lua scripts expect them as KEYS."""
+        return [self.meta, self.items, self.counted, self.results]
 
 
 def unfinished_index(prefix: str) -> str:

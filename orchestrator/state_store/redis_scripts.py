@@ -1,14 +1,15 @@
 """Lua scripts: every read-check-write on one search runs server-side, so it is atomic.
 
-Each script gets the search's keys as KEYS = [job, checkpoint, events, cancel] (one hash tag,
-one cluster slot) and uses the server clock (TIME), so orchestrators' clock skew cannot decide
-who owns a lease. Times are stored as seconds with six decimals. Needs Redis >= 7.0
+Each job script gets the search's keys as KEYS = [job, checkpoint, events, cancel] (one hash tag,
+one cluster slot); each batch script gets the batch's keys as KEYS = [meta, items, counted,
+results] (see `redis_keys`). Scripts use the server clock (TIME), so orchestrators' clock skew
+cannot decide who owns a lease. Times are stored as seconds with six decimals. Needs Redis >= 7.0
 (stream ids `0-*`, non-deterministic commands in scripts).
 """
 
 from __future__ import annotations
 
-from lodestar.orchestrator.state_store.base import FINISHED
+from lodestar.orchestrator.state_store.base import BATCH_COUNTED, FINISHED
 
 _PRELUDE = (
     "local FINISHED = {"
@@ -155,3 +156,37 @@ inherit_ttl(KEYS[4])
 return 1
 """
 )
+
+CREATE_BATCH = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local created = stamp(now())
+redis.call('HSET', KEYS[1], 'size', ARGV[1], 'settings', ARGV[2], 'created_at', created, """
+    + ", ".join(f"'{status.value}', 0" for status in BATCH_COUNTED)
+    + """)
+return created
+"""
+)
+"""The batch record alone (items and jobs follow from Python). ARGV: size, settings JSON.
+Returns created_at, or false if the batch exists."""
+
+FINISH_BATCH_ITEM = (
+    _PRELUDE
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+if not FINISHED[ARGV[3]] then return {'unfinished'} end
+if redis.call('LINDEX', KEYS[2], ARGV[2]) ~= ARGV[1] then return {'stranger'} end
+if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return {'counted'} end
+redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+local id = redis.call('XADD', KEYS[4], '0-*', 's', ARGV[1], 'i', ARGV[2], 'st', ARGV[3])
+if redis.call('SCARD', KEYS[3]) >= tonumber(redis.call('HGET', KEYS[1], 'size')) then
+  for i = 1, 4 do redis.call('PEXPIRE', KEYS[i], ARGV[4]) end
+end
+return {'ok', id}
+"""
+)
+"""Count one finished item, once: the `counted` set guards against a retry (or reconcile) counting
+it again. ARGV: search id, batch_index, terminal status, TTL in ms for a done batch. Returns
+{'ok', result stream id}, or {'counted'} / {'missing'} / {'stranger'} (not this batch's item at
+that index) / {'unfinished'} when nothing changed."""

@@ -6,8 +6,14 @@ never starve checkpoint writes. Socket, pool and per-call timeouts bound every m
 connection failure surfaces as `StateStoreUnavailable`; connections are re-made on the next
 call, so the same store object works again once Redis is back.
 
-Job hash fields: algorithm, params (JSON), problem (JSON), seed, budget (JSON), status,
-created_at, started_at, finished_at, owner, lease_expires_at, spend (JSON), result, error.
+Job hash fields: algorithm, params (JSON), problem (JSON), seed, budget (JSON), batch_id,
+batch_index, status, created_at, started_at, finished_at, owner, lease_expires_at, spend (JSON),
+result, error. Optional fields are absent when unset, so older records stay readable.
+
+A batch and its items live in different slots, so finishing an item is two scripts: UPDATE_JOB on
+the job, then FINISH_BATCH_ITEM on the batch. A crash (or outage) between them leaves the batch one
+count short: a retried `update_job` repairs it (the finished job's InvalidTransition path re-runs
+the idempotent batch step), and so does `reconcile_batch`.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -30,6 +37,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from lodestar.orchestrator.state_store import redis_scripts
 from lodestar.orchestrator.state_store.base import (
     ALLOWED_FROM,
+    BATCH_COUNTED,
+    JSON,
+    BatchExists,
+    BatchNotFound,
+    BatchRecord,
+    BatchResult,
     Checkpoint,
     InvalidTransition,
     JobExists,
@@ -44,18 +57,35 @@ from lodestar.orchestrator.state_store.base import (
     StateStoreUnavailable,
     StoreConfig,
     StreamClosed,
+    batch_counts,
     check_search_id,
+    check_single_job,
+    validate_batch,
     validate_lease,
     validate_read,
     validate_write,
 )
-from lodestar.orchestrator.state_store.redis_keys import SearchKeys, unfinished_index
+from lodestar.orchestrator.state_store.redis_keys import BatchKeys, SearchKeys, unfinished_index
+
+T = TypeVar("T")
 
 _OUTAGE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, TimeoutError, OSError)
 
 DANGLING_AFTER_S = 300.0
 """An index entry whose job hash is missing is dropped only once it is this old: `create_job`
 writes the index before the hash, so a young entry may belong to a job being created."""
+
+BATCH_CHUNK = 500
+"""Batch items per pipelined round trip: 10,000 items take 20, and no one reply is big enough to
+near the socket timeout."""
+
+BATCH_ITEM_S = 0.002
+"""Time allowed per item on top of `op_timeout_s` for the whole-batch calls (create, reconcile)."""
+
+BATCH_HOLD_S = 30.0
+"""While `create_batch` writes its jobs they sit in the unfinished index scored this far past the
+call's own time bound, so `claim_orphans` cannot start an item that a rollback would delete; if
+the creator crashes, the items become claimable once the hold passes."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +130,8 @@ class RedisStateStore(StateStore):
         self._record = register(redis_scripts.RECORD_STEP)
         self._append = register(redis_scripts.APPEND_EVENT)
         self._cancel = register(redis_scripts.REQUEST_CANCEL)
+        self._create_batch = register(redis_scripts.CREATE_BATCH)
+        self._finish_item = register(redis_scripts.FINISH_BATCH_ITEM)
 
     def _pool(self, size: int) -> BlockingConnectionPool:
         c = self.config
@@ -126,6 +158,28 @@ class RedisStateStore(StateStore):
 
     def _keys(self, search_id: str) -> list[str]:
         return SearchKeys.of(self.config.key_prefix, check_search_id(search_id)).all()
+
+    def _batch_keys(self, batch_id: str) -> list[str]:
+        return BatchKeys.of(self.config.key_prefix, check_search_id(batch_id)).all()
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.config.finished_ttl_s * 1000))
+
+    async def _chunked(
+        self,
+        items: Sequence[T],
+        queue: Callable[[Pipeline, Sequence[T]], Awaitable[None]],
+        skip: int = 0,
+    ) -> list[Any]:
+        """Replies of the commands `queue` adds per chunk of `items`, one round trip a chunk,
+        less the first `skip` replies of each chunk."""
+        replies: list[Any] = []
+        for start in range(0, len(items), BATCH_CHUNK):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await queue(pipe, items[start : start + BATCH_CHUNK])
+                replies += (await pipe.execute())[skip:]
+        return replies
 
     async def ping(self) -> None:
         async with self._guard("ping"):
@@ -166,6 +220,7 @@ class RedisStateStore(StateStore):
     # -- jobs -----------------------------------------------------------------------------------
 
     async def create_job(self, spec: JobSpec) -> JobRecord:
+        check_single_job(spec)
         keys = self._keys(spec.search_id)
         fields = _spec_fields(spec)
         async with self._guard("create_job"):
@@ -192,10 +247,34 @@ class RedisStateStore(StateStore):
         result: str | None = None,
         error: str | None = None,
     ) -> JobRecord:
+        try:
+            job = await self._update_job_only(
+                search_id, status=status, spend=spend, result=result, error=error
+            )
+        except InvalidTransition:
+            # Perhaps a retry whose first try finished the job, then lost its batch step.
+            finished = await self.get_job(search_id)
+            if finished is not None and finished.status.finished:
+                await self._finish_batch_item(finished)
+            raise
+        if job.status.finished:
+            await self._finish_batch_item(job)
+        return job
+
+    async def _update_job_only(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """`update_job` without its batch step: the job's own script and index upkeep."""
         keys = self._keys(search_id)
         target = JobStatus(status) if status is not None else None
         allowed = ",".join(ALLOWED_FROM[target]) if target else ""
-        ttl_ms = max(1, round(self.config.finished_ttl_s * 1000))
+        ttl_ms = self._ttl_ms
         fields: list[str] = []
         if spend is not None:
             fields += ["spend", json.dumps(dict(spend))]
@@ -326,6 +405,148 @@ class RedisStateStore(StateStore):
                 reply = await self._streams.xread(streams, count=limit, block=block_ms)
         return [_event(i, f) for _, entries in reply or [] for i, f in entries]
 
+    # -- batches --------------------------------------------------------------------------------
+
+    async def create_batch(
+        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+    ) -> BatchRecord:
+        """Check every id, reserve the batch record, then write items, index entries and jobs in
+        pipelined chunks; a job id taken in between rolls all of it back.
+
+        A crash part-way leaves a partial batch (record without some jobs) that never finishes;
+        the caller saw no success, and the items it did write run as ordinary jobs."""
+        specs = list(specs)
+        validate_batch(batch_id, specs)
+        settings_json = json.dumps(settings)
+        batch_keys = self._batch_keys(batch_id)
+        ids = [spec.search_id for spec in specs]
+        bound_s = len(specs) * BATCH_ITEM_S
+        async with self._guard("create_batch", extra_s=bound_s):
+
+            async def exists(pipe: Pipeline, chunk: Sequence[str]) -> None:
+                for search_id in chunk:
+                    pipe.exists(self._keys(search_id)[0])
+
+            if await self._redis.exists(batch_keys[0]):
+                raise BatchExists(batch_id)
+            taken = await self._chunked(ids, exists)
+            if any(taken):
+                raise JobExists(next(i for i, t in zip(ids, taken, strict=True) if t))
+            created_at = await self._create_batch(keys=batch_keys, args=[len(specs), settings_json])
+            if created_at is None:
+                raise BatchExists(batch_id)
+            hold = time.time() + self.config.op_timeout_s + bound_s + BATCH_HOLD_S
+
+            async def write(pipe: Pipeline, chunk: Sequence[JobSpec]) -> None:
+                # Index before hash, as in create_job; two replies to skip.
+                pipe.rpush(batch_keys[1], *(spec.search_id for spec in chunk))
+                pipe.zadd(self._index, {spec.search_id: hold for spec in chunk}, nx=True)
+                for spec in chunk:
+                    keys = self._keys(spec.search_id)
+                    await self._create(keys=keys, args=_spec_fields(spec), client=pipe)
+
+            replies = await self._chunked(specs, write, skip=2)
+            made = {i: float(c) for i, c in zip(ids, replies, strict=True) if c is not None}
+            if len(made) < len(ids):
+                await self._roll_back_batch(batch_keys, ids, made)
+                raise JobExists(next(i for i in ids if i not in made))
+
+            async def release(pipe: Pipeline, chunk: Sequence[str]) -> None:
+                pipe.zadd(self._index, {i: made[i] for i in chunk}, xx=True)
+
+            await self._chunked(ids, release)
+        return BatchRecord(batch_id, len(specs), settings, float(created_at), batch_counts())
+
+    async def _roll_back_batch(
+        self, batch_keys: list[str], ids: list[str], made: Mapping[str, float]
+    ) -> None:
+        """Undo a `create_batch` that met a job created under it: delete the jobs it made and its
+        record; the other creator's index entries lose the hold (lower score only)."""
+        now = time.time()
+
+        async def undo(pipe: Pipeline, chunk: Sequence[str]) -> None:
+            for search_id in chunk:
+                if search_id in made:
+                    pipe.delete(self._keys(search_id)[0])
+                    pipe.zrem(self._index, search_id)
+                else:
+                    pipe.zadd(self._index, {search_id: now}, xx=True, lt=True)
+
+        await self._chunked(ids, undo)
+        await self._redis.delete(*batch_keys)
+
+    async def get_batch(self, batch_id: str) -> BatchRecord | None:
+        keys = self._batch_keys(batch_id)
+        async with self._guard("get_batch"):
+            fields = await self._redis.hgetall(keys[0])
+        return _batch_from_hash(batch_id, fields) if fields else None
+
+    async def read_batch_results(
+        self, batch_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
+    ) -> list[BatchResult]:
+        validate_read(after, limit, wait_s)
+        keys = self._batch_keys(batch_id)
+        streams = {keys[3]: f"0-{after}"}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_s
+        async with self._guard("read_batch_results", extra_s=wait_s):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.exists(keys[0])
+                pipe.xread(streams, count=limit)
+                found, reply = await pipe.execute()
+            if not found:
+                raise BatchNotFound(batch_id)
+            # Block in slices shorter than the socket timeout, as read_events does.
+            while not reply and (remaining := deadline - loop.time()) > 0:
+                block_ms = max(1, round(min(remaining, self._max_block_s) * 1000))
+                reply = await self._streams.xread(streams, count=limit, block=block_ms)
+        return [_batch_result(i, f) for _, entries in reply or [] for i, f in entries]
+
+    async def reconcile_batch(self, batch_id: str) -> BatchRecord:
+        keys = self._batch_keys(batch_id)
+        guard = self._guard("reconcile_batch")
+        async with guard, self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(keys[0])
+            pipe.lrange(keys[1], 0, -1)
+            pipe.smembers(keys[2])
+            found, items, counted = await pipe.execute()
+        if not found:
+            raise BatchNotFound(batch_id)
+        counted_ids = {_text(i) for i in counted}
+        pending = [i for i in map(_text, items) if i not in counted_ids]
+        async with self._guard("reconcile_batch", extra_s=len(pending) * BATCH_ITEM_S):
+
+            async def read(pipe: Pipeline, chunk: Sequence[str]) -> None:
+                for search_id in chunk:
+                    pipe.hgetall(self._keys(search_id)[0])
+
+            hashes = await self._chunked(pending, read)
+            jobs = [_job_from_hash(i, h) for i, h in zip(pending, hashes, strict=True) if h]
+            missed = [j for j in jobs if j.status.finished and j.spec.batch_id == batch_id]
+
+            async def finish(pipe: Pipeline, chunk: Sequence[JobRecord]) -> None:
+                for job in chunk:
+                    await self._finish_item(keys=keys, args=self._finish_args(job), client=pipe)
+
+            await self._chunked(missed, finish)
+            fields = await self._redis.hgetall(keys[0])
+        if not fields:  # it was done and has expired since
+            raise BatchNotFound(batch_id)
+        return _batch_from_hash(batch_id, fields)
+
+    async def _finish_batch_item(self, job: JobRecord) -> bool:
+        """The batch half of finishing an item (its own script, the batch's slot); idempotent.
+        True if this call counted the item."""
+        if job.spec.batch_id is None or not job.status.finished:
+            return False
+        keys = self._batch_keys(job.spec.batch_id)
+        async with self._guard("update_job (batch)"):
+            reply = await self._finish_item(keys=keys, args=self._finish_args(job))
+        return _text(reply[0]) == "ok"
+
+    def _finish_args(self, job: JobRecord) -> list[Any]:
+        return [job.search_id, job.spec.batch_index, job.status.value, self._ttl_ms]
+
     # -- cancellation ---------------------------------------------------------------------------
 
     async def request_cancel(self, search_id: str) -> None:
@@ -358,6 +579,26 @@ def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
+def _batch_result(stream_id: bytes, fields: Mapping[bytes, bytes]) -> BatchResult:
+    return BatchResult(
+        offset=_offset(stream_id),
+        search_id=_text(fields[b"s"]),
+        index=int(fields[b"i"]),
+        status=JobStatus(_text(fields[b"st"])),
+    )
+
+
+def _batch_from_hash(batch_id: str, raw: Mapping[bytes, bytes]) -> BatchRecord:
+    h = {_text(k): _text(v) for k, v in raw.items()}
+    return BatchRecord(
+        batch_id=batch_id,
+        size=int(h["size"]),
+        settings=json.loads(h["settings"]),
+        created_at=float(h["created_at"]),
+        counts={status.value: int(h.get(status.value, 0)) for status in BATCH_COUNTED},
+    )
+
+
 def _spec_fields(spec: JobSpec) -> list[str]:
     fields = [
         "algorithm",
@@ -371,6 +612,8 @@ def _spec_fields(spec: JobSpec) -> list[str]:
     ]
     if spec.budget is not None:
         fields += ["budget", json.dumps(spec.budget)]
+    if spec.batch_id is not None:
+        fields += ["batch_id", spec.batch_id, "batch_index", str(spec.batch_index)]
     return fields
 
 
@@ -390,6 +633,8 @@ def _job_from_hash(search_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
         problem=json.loads(h["problem"]),
         seed=int(h["seed"]),
         budget=loaded("budget"),
+        batch_id=h.get("batch_id"),
+        batch_index=int(h["batch_index"]) if "batch_index" in h else None,
     )
     return JobRecord(
         spec=spec,
