@@ -29,15 +29,20 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from lodestar.orchestrator.algorithms.base import SearchAlgorithm
-from lodestar.orchestrator.algorithms.registry import algorithm_for_checkpoint, start_search
+from lodestar.orchestrator.algorithms.registry import (
+    ParamError,
+    algorithm_for_checkpoint,
+    start_search,
+)
 from lodestar.orchestrator.algorithms.state import SearchResult
 from lodestar.orchestrator.batching import Workers
 from lodestar.orchestrator.state_store import (
+    BatchRecord,
     InvalidTransition,
     JobNotFound,
     JobRecord,
@@ -127,6 +132,7 @@ class Orchestrator:
         self._running: set[str] = set()
         self._lost: set[str] = set()
         """Live searches whose lease another orchestrator took; they stop at the next step."""
+        self._wake = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
 
     @property
@@ -178,6 +184,29 @@ class Orchestrator:
         self._spawn(spec.search_id)
         return record
 
+    async def submit_batch(
+        self, batch_id: str, settings: Any, specs: Sequence[JobSpec]
+    ) -> BatchRecord:
+        """Validate every item, then store the batch and its queued jobs in one go. Items are
+        not admitted here: every orchestrator of the store claims them as it has free slots.
+        Raises `ParamError` (field `items[i]...`), `BatchExists`, `JobExists`."""
+        for i, spec in enumerate(specs):
+            try:
+                start_search(
+                    spec.algorithm,
+                    prompt_from_json(spec.problem),
+                    spec.params,
+                    spec.seed,
+                    spec.budget,
+                )
+            except ParamError as e:
+                field = e.field if e.field.startswith("params") else f"items[{i}].{e.field}"
+                raise ParamError(field, e.message) from None
+        record = await self.store.create_batch(batch_id, settings, specs)
+        log.info("batch %s accepted (%d items)", batch_id, len(specs), extra={"batch_id": batch_id})
+        self._wake.set()
+        return record
+
     async def cancel(self, search_id: str) -> JobRecord:
         """Flag the search; it stops before its next step (a queued one never starts). Returns
         the job as it is now (raises `JobNotFound`)."""
@@ -209,6 +238,7 @@ class Orchestrator:
         search_id = task.get_name().removeprefix("search-")
         self._tasks.pop(search_id, None)
         self._lost.discard(search_id)
+        self._wake.set()  # a slot is free: claim queued work now
         if not task.cancelled() and task.exception() is not None:  # retrieved: waiters re-raise
             log.warning(
                 "search %s: %s", search_id, task.exception(), extra={"search_id": search_id}
@@ -320,14 +350,21 @@ class Orchestrator:
     # -- leases and orphans ----------------------------------------------------------------------
 
     async def _maintain(self) -> None:
+        """Renew leases every `scan_interval_s`; look for claimable jobs as often, and at once
+        when a slot frees up or a batch arrives (so queued batch items never wait a scan)."""
+        renewed = 0.0
         while True:
+            self._wake.clear()
             try:
-                await self._renew_leases()
+                if time.monotonic() - renewed >= self.config.scan_interval_s:
+                    renewed = time.monotonic()
+                    await self._renew_leases()
                 if self.config.resume_orphans:
                     await self._claim_orphans()
             except StateStoreUnavailable as e:
                 log.warning("orchestrator %s: %s", self.owner, e)
-            await asyncio.sleep(self.config.scan_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.scan_interval_s)
 
     async def _renew_leases(self) -> None:
         for sid in list(self._running):

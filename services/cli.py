@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+batch_app = typer.Typer(no_args_is_help=True, help="Batches of problems from JSONL files.")
+app.add_typer(batch_app, name="batch")
 console = Console()
 
 
@@ -141,6 +143,9 @@ def serve(
     threads: Annotated[int | None, typer.Option(help="torch threads per actor.")] = None,
     max_live: Annotated[int, typer.Option(help="Searches advancing at once.")] = 64,
     max_queued: Annotated[int, typer.Option(help="Accepted searches waiting for a slot.")] = 1024,
+    lease_s: Annotated[
+        float, typer.Option(help="Seconds before another server resumes a dead one's searches.")
+    ] = 15.0,
     auth_token: Annotated[
         str | None,
         typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Require 'authorization: Bearer <token>'."),
@@ -181,7 +186,12 @@ def serve(
             num_gpus=num_gpus,
             threads=threads,
         ),
-        orchestrator=OrchestratorConfig(max_live=max_live, max_queued=max_queued),
+        orchestrator=OrchestratorConfig(
+            max_live=max_live,
+            max_queued=max_queued,
+            lease_s=lease_s,
+            scan_interval_s=min(1.0, lease_s / 3),
+        ),
         store_url=redis or "memory://",
         ray_address=ray_address,
         metrics_port=metrics_port,
@@ -217,6 +227,50 @@ def search(
         run_search(address, problem, algorithm, params, seed, caps, timeout, token, console)
     )
     raise typer.Exit(code)
+
+
+@batch_app.command("submit")
+def batch_submit(
+    problems: Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")],
+    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
+    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
+    budget: Annotated[
+        int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
+    ] = 8,
+    param: Annotated[
+        list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")] = 0,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
+    max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,
+    token: Annotated[
+        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
+    ] = None,
+) -> None:
+    """Solve every problem of a file on a server; re-run the same command to resume."""
+    from lodestar.services.client import run_batch_file
+
+    params = _search_params(algorithm, budget, param)
+    caps = _caps(max_tokens, max_prm_passes)
+    code = asyncio.run(
+        run_batch_file(address, problems, output, algorithm, params, seed, caps, token, console)
+    )
+    raise typer.Exit(code)
+
+
+@batch_app.command("status")
+def batch_status(
+    batch_id: Annotated[str, typer.Argument(help="The batch id submit printed.")],
+    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
+    token: Annotated[
+        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
+    ] = None,
+) -> None:
+    """How far a batch has got."""
+    from lodestar.services.client import show_batch
+
+    raise typer.Exit(asyncio.run(show_batch(address, batch_id, token, console)))
 
 
 def main() -> None:

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 from rich.console import Console
 from rich.live import Live
+from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
+from lodestar.services.batch_files import (
+    BatchLine,
+    finished_lines,
+    open_output,
+    read_problems,
+    write_result,
+)
+from lodestar.services.server import ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
+
+CHANNEL_OPTIONS = ServerConfig().channel_options
 
 
 def params_to_wire(algorithm: str, params: dict[str, Any]) -> pb.AlgorithmParams:
@@ -79,7 +92,7 @@ async def run_search(
         console.print(f"[red]invalid request[/red]: {e}")
         return 2
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         try:
             with Live("submitting...", console=console, transient=True) as live:
@@ -96,4 +109,130 @@ async def run_search(
     final = result.final_answer if result.HasField("final_answer") else None
     console.print(f"[bold]final answer[/bold]  {final}")
     console.print(_spend_table(result))
+    return 0
+
+
+def status_doc(status: pb.SearchStatus) -> dict[str, Any]:
+    """One output line's fields for a finished search."""
+    doc: dict[str, Any] = {
+        "search_id": status.search_id,
+        "status": pb.SearchState.Name(status.state).removeprefix("SEARCH_STATE_").lower(),
+    }
+    if status.HasField("result"):
+        r = status.result
+        doc["answer"] = r.answer
+        doc["final_answer"] = r.final_answer if r.HasField("final_answer") else None
+        doc["spend"] = json_format.MessageToDict(r.spend, preserving_proto_field_name=True)
+    if status.error:
+        doc["error"] = status.error
+    return doc
+
+
+async def run_batch_file(
+    address: str,
+    problems: Path,
+    output: Path,
+    algorithm: str,
+    params: dict[str, Any],
+    seed: int,
+    budget: dict[str, int],
+    token: str | None,
+    console: Console,
+) -> int:
+    """Submit (or re-attach to) the batch of a problems file and append results as they come.
+
+    The batch id goes to `<output>.batch` first: a re-run attaches to that batch while the
+    server still has it, else submits only the lines the output file lacks."""
+    good, bad = read_problems(problems)
+    for b in bad:
+        console.print(f"[yellow]{problems}:{b.line}[/yellow]: {b.reason} (skipped)")
+    done = finished_lines(output)
+    todo = [b for b in good if b.line not in done]
+    if not todo:
+        console.print(f"nothing to do: {len(done)} results already in {output}")
+        return 0
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    state = output.with_name(output.name + ".batch")
+    by_key = {str(b.line): b for b in todo}
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        try:
+            batch_id = await _attach(stub, state, metadata)
+            if batch_id is None:
+                request = pb.SubmitBatchRequest(
+                    items=[_item(b, seed) for b in todo],
+                    params=params_to_wire(algorithm, params),
+                    budget=pb.Budget(**budget),
+                    seed=seed,
+                )
+                batch_id = (await stub.SubmitBatch(request, metadata=metadata)).batch_id
+                state.write_text(json.dumps({"batch_id": batch_id}))
+            console.print(f"batch {batch_id}: {len(todo)} to go, {len(done)} already done")
+            counts: dict[str, int] = {}
+            columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+            with open_output(output) as out, Progress(*columns, console=console) as bar:
+                task = bar.add_task("solving", total=len(todo))
+                results = stub.StreamBatchResults(
+                    pb.StreamBatchResultsRequest(batch_id=batch_id), metadata=metadata
+                )
+                async for item in results:
+                    line = by_key.pop(item.key, None)
+                    if line is None:  # written by an earlier run
+                        continue
+                    doc = status_doc(item.status)
+                    write_result(out, line, doc)
+                    counts[doc["status"]] = counts.get(doc["status"], 0) + 1
+                    bar.advance(task)
+        except grpc.aio.AioRpcError as e:
+            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+            return 1
+        except ValueError as e:
+            console.print(f"[red]invalid request[/red]: {e}")
+            return 2
+    state.unlink(missing_ok=True)
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    console.print(f"{summary}; {len(bad)} bad lines skipped; results in {output}")
+    return 0 if not by_key else 1
+
+
+async def _attach(stub: Any, state: Path, metadata: Any) -> str | None:
+    """The batch of an interrupted run, if the server still has it."""
+    if not state.exists():
+        return None
+    batch_id = json.loads(state.read_text())["batch_id"]
+    try:
+        await stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id), metadata=metadata)
+    except grpc.aio.AioRpcError as e:
+        if e.code() is grpc.StatusCode.NOT_FOUND:
+            return None
+        raise
+    return batch_id
+
+
+def _item(line: BatchLine, seed: int) -> pb.BatchItem:
+    """Seeds follow the line, so a problem gets the same seed in every run of the file."""
+    if isinstance(line.problem, str):
+        problem = pb.Problem(text=line.problem)
+    else:
+        messages = [pb.ChatMessage(**m) for m in line.problem]
+        problem = pb.Problem(chat=pb.ChatMessages(messages=messages))
+    item_seed = line.seed if line.seed is not None else seed + line.line
+    return pb.BatchItem(problem=problem, seed=item_seed, key=str(line.line))
+
+
+async def show_batch(address: str, batch_id: str, token: str | None, console: Console) -> int:
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        try:
+            status = await stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id), metadata=metadata)
+        except grpc.aio.AioRpcError as e:
+            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+            return 1
+    finished = status.succeeded + status.failed + status.cancelled
+    console.print(
+        f"batch {status.batch_id}: {finished}/{status.size} finished "
+        f"({status.succeeded} succeeded, {status.failed} failed, {status.cancelled} cancelled)"
+        + (" - done" if status.done else "")
+    )
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from lodestar.orchestrator.algorithms.registry import ParamError
-from lodestar.orchestrator.state_store import JobRecord, JobStatus
+from lodestar.orchestrator.state_store import BatchRecord, JobRecord, JobStatus
 from lodestar.v1 import search_pb2 as pb
 
 STATES = {
@@ -129,4 +129,16 @@ def progress_to_wire(search_id: str, event: dict[str, Any]) -> pb.SearchEvent:
             best_partial=event.get("best", ""),
             best_final_answer=event.get("best_final_answer"),
         ),
+    )
+
+
+def batch_to_wire(record: BatchRecord) -> pb.BatchStatus:
+    return pb.BatchStatus(
+        batch_id=record.batch_id,
+        size=record.size,
+        succeeded=record.counts["succeeded"],
+        failed=record.counts["failed"],
+        cancelled=record.counts["cancelled"],
+        done=record.done,
+        created_at=record.created_at,
     )

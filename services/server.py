@@ -25,6 +25,8 @@ from grpc_reflection.v1alpha import reflection
 from lodestar.orchestrator.algorithms.registry import ParamError, start_search
 from lodestar.orchestrator.driver import Orchestrator, Overloaded
 from lodestar.orchestrator.state_store import (
+    BatchExists,
+    BatchNotFound,
     JobExists,
     JobNotFound,
     JobRecord,
@@ -34,6 +36,7 @@ from lodestar.orchestrator.state_store import (
 )
 from lodestar.orchestrator.state_store.base import check_search_id
 from lodestar.services.convert import (
+    batch_to_wire,
     params_from_wire,
     problem_from_wire,
     progress_to_wire,
@@ -62,6 +65,7 @@ class ServerConfig:
     max_generated_tokens: int = 1_000_000
     """The most one search may generate; also the cap of a search that names none."""
     max_prm_passes: int = 100_000
+    max_batch_items: int = 100_000
     policy_model: str = "arith-policy"
     """The names this deployment answers to; a request naming another model is refused."""
     reward_model: str = "verifier"
@@ -97,9 +101,9 @@ async def status_codes(context: grpc.aio.ServicerContext, what: str) -> AsyncIte
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except Overloaded as e:
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-    except JobExists as e:
+    except (JobExists, BatchExists) as e:
         await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
-    except JobNotFound as e:
+    except (JobNotFound, BatchNotFound) as e:
         await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
     except StateStoreUnavailable as e:
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
@@ -147,7 +151,82 @@ class SearchService(pb_grpc.SearchServiceServicer):
             await self._record(request.search_id)  # NOT_FOUND before flagging anything
             return status_to_wire(await self.orchestrator.cancel(request.search_id))
 
+    # -- batches -------------------------------------------------------------------------------
+
+    async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.BatchStatus:
+        async with status_codes(context, "SubmitBatch"):
+            batch_id, settings, specs = self._batch(request)
+            return batch_to_wire(await self.orchestrator.submit_batch(batch_id, settings, specs))
+
+    async def GetBatch(self, request: pb.GetBatchRequest, context: Any) -> pb.BatchStatus:
+        async with status_codes(context, "GetBatch"):
+            record = await self.store.get_batch(_required(request.batch_id, "batch_id"))
+            if record is None:
+                raise BatchNotFound(request.batch_id)
+            return batch_to_wire(record)
+
+    async def StreamBatchResults(
+        self, request: pb.StreamBatchResultsRequest, context: Any
+    ) -> AsyncIterator[pb.BatchItemResult]:
+        async with status_codes(context, "StreamBatchResults"):
+            batch_id = _required(request.batch_id, "batch_id")
+            batch = await self.store.get_batch(batch_id)
+            if batch is None:
+                raise BatchNotFound(batch_id)
+            if request.after < 0:
+                raise ParamError("after", "must be >= 0")
+            keys = batch.settings.get("keys", [])
+            after = request.after
+            while not (batch.done and after >= batch.finished):
+                results = await self.store.read_batch_results(batch_id, after, wait_s=1.0)
+                for item in results:
+                    job = await self._record(item.search_id)
+                    key = keys[item.index] if item.index < len(keys) else ""
+                    yield pb.BatchItemResult(
+                        offset=item.offset, index=item.index, key=key, status=status_to_wire(job)
+                    )
+                    after = item.offset
+                if not results:
+                    batch = await self.store.get_batch(batch_id) or batch
+
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _batch(self, request: pb.SubmitBatchRequest) -> tuple[str, dict[str, Any], list[JobSpec]]:
+        """Shared settings validated once, each item's problem checked, nothing stored yet."""
+        if not request.items:
+            raise ParamError("items", "must not be empty")
+        if len(request.items) > self.config.max_batch_items:
+            raise ParamError("items", f"at most {self.config.max_batch_items} per batch")
+        batch_id = request.batch_id or f"b-{uuid.uuid4().hex}"
+        if len(batch_id) > 100:
+            raise ParamError("batch_id", "at most 100 characters")
+        try:
+            check_search_id(batch_id)
+        except ValueError as e:
+            raise ParamError("batch_id", str(e)) from None
+        algorithm, params = params_from_wire(request.params)
+        budget = self._budget(set_fields(request.budget))
+        specs = []
+        for i, item in enumerate(request.items):
+            try:
+                problem = problem_from_wire(item.problem)
+            except ParamError as e:
+                raise ParamError(f"items[{i}].{e.field}", e.message) from None
+            seed = item.seed if item.HasField("seed") else request.seed + i
+            search_id = f"{batch_id}.{i:06d}"
+            specs.append(JobSpec(search_id, algorithm, params, problem, seed, budget, batch_id, i))
+        try:
+            start_search(algorithm, prompt_from_json(specs[0].problem), params, 0, budget)
+        except ParamError as e:
+            raise wire_path(e, algorithm, params) from None
+        settings = {
+            "algorithm": algorithm,
+            "params": params,
+            "budget": budget,
+            "seed": request.seed,
+            "keys": [item.key for item in request.items],
+        }
+        return batch_id, settings, specs
 
     def _spec(self, request: pb.SearchRequest) -> JobSpec:
         """The job a request asks for, validated in full before anything is stored."""
@@ -209,6 +288,12 @@ class SearchService(pb_grpc.SearchServiceServicer):
             task = asyncio.ensure_future(self.orchestrator.cancel(search_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             raise
+
+
+def _required(value: str, field: str) -> str:
+    if not value:
+        raise ParamError(field, "must not be empty")
+    return value
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):

@@ -1,8 +1,9 @@
-"""`lodestar serve` and `lodestar search` as a newcomer runs them: two processes, real Ray,
-the shipped models, a real gRPC connection."""
+"""`lodestar serve`, `lodestar search` and `lodestar batch` as a newcomer runs them: separate
+processes, real Ray, the shipped models, real gRPC connections."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
@@ -10,26 +11,40 @@ import sys
 import time
 from pathlib import Path
 
+from lodestar.services.local_redis import LocalRedis
+from lodestar.tasks.arithmetic import Difficulty, generate_problems
+
 LODESTAR = [sys.executable, "-m", "lodestar.services.cli"]
+
+
+def start_server(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`lodestar serve` on a free port; returns the process and its address once SERVING."""
+    with log.open("a") as out:
+        server = subprocess.Popen(
+            [*LODESTAR, "serve", "--port", "0", "--threads", "1", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    start = len(log.read_text())
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        found = re.search(r"SERVING on (\S+:\d+)", log.read_text()[start:])
+        if found:
+            return server, found.group(1)
+        time.sleep(0.2)
+
+
+def stop(server: subprocess.Popen[bytes]) -> int:
+    server.send_signal(signal.SIGTERM)
+    return server.wait(timeout=60)
 
 
 def test_serve_then_search_prints_the_answer_and_serve_stops_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [*LODESTAR, "serve", "--port", "0", "--threads", "1"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    server, address = start_server(log)
     try:
-        deadline = time.monotonic() + 120
-        address = None
-        while address is None:
-            assert server.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            found = re.search(r"SERVING on (\S+:\d+)", log.read_text())
-            address = found.group(1) if found else None
-            time.sleep(0.2)
         search = subprocess.run(
             [*LODESTAR, "search", "(7+5)*3", "--address", address, "-n", "4"],
             capture_output=True,
@@ -46,7 +61,55 @@ def test_serve_then_search_prints_the_answer_and_serve_stops_cleanly(tmp_path: P
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT: params.pf.n" in bad.stdout
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=60)
+        code = stop(server)
     assert code == 0, log.read_text()
     assert "shutting down" in log.read_text()
+
+
+def test_a_1000_problem_batch_killed_half_way_resumes_without_loss_or_duplicates(
+    tmp_path: Path, redis_server: LocalRedis
+) -> None:
+    """Client and server are both SIGKILLed mid-batch; a new server on the same Redis resumes
+    the unfinished searches and the re-run client attaches to the same batch."""
+    redis_server.restart()
+    problems = generate_problems("train", 1000, Difficulty(ops=2), seed=5)
+    lines = [json.dumps({"problem": p.expression}) for p in problems]
+    lines[10:10] = ["{not json", json.dumps({"problem": ""})]  # reported, skipped
+    source = tmp_path / "problems.jsonl"
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "results.jsonl"
+    log = tmp_path / "serve.log"
+    serve_args = ("--redis", redis_server.url, "--lease-s", "2", "--max-live", "128")
+    submit = [*LODESTAR, "batch", "submit", str(source), "-o", str(output), "-a", "greedy"]
+
+    server, address = start_server(log, *serve_args)
+    client = subprocess.Popen([*submit, "--address", address], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not output.exists() or len(output.read_text().splitlines()) < 300:
+            assert client.poll() is None, client.stdout.read() if client.stdout else ""
+            assert time.monotonic() < deadline, "the batch made no progress"
+            time.sleep(0.1)
+    finally:
+        client.kill()
+        server.kill()
+        client.wait()
+        server.wait()
+    written_before = len(output.read_text().splitlines())
+    assert 300 <= written_before < 1000, "killed too late to test a resume"
+
+    server, address = start_server(log, *serve_args)
+    try:
+        rerun = subprocess.run(
+            [*submit, "--address", address], capture_output=True, text=True, timeout=300
+        )
+    finally:
+        stop(server)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "problems.jsonl:11" in rerun.stdout and "problems.jsonl:12" in rerun.stdout
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    numbers = [r["line"] for r in results]
+    assert len(numbers) == len(set(numbers)) == 1000
+    assert set(numbers) == set(range(1, 1003)) - {11, 12}
+    assert all(r["status"] == "succeeded" and r["final_answer"] for r in results)
+    assert not output.with_name(output.name + ".batch").exists()

@@ -398,3 +398,75 @@ def test_json_logs_carry_the_search_id(models) -> None:
         "search logged-1 succeeded",
     ]
     assert all({"ts", "level", "logger"} <= d.keys() for d in mine)
+
+
+def batch_request(problems: list[str], batch_id: str = "", **kw: Any) -> pb.SubmitBatchRequest:
+    items = [pb.BatchItem(problem=pb.Problem(text=p), key=f"k{i}") for i, p in enumerate(problems)]
+    return pb.SubmitBatchRequest(
+        items=items,
+        params=pb.AlgorithmParams(pf=pb.ParticleFilterParams(n=2)),
+        batch_id=batch_id,
+        **kw,
+    )
+
+
+def test_batch_round_trip_with_resumable_results(models) -> None:
+    problems = ["1+2", "(3+4)*5", "9-8", "7*6-5", "2*(3+4)"]
+
+    async def client(stub, channel, server) -> list[Any]:
+        submitted = await stub.SubmitBatch(batch_request(problems, "batch-1", seed=5))
+        stream = stub.StreamBatchResults(pb.StreamBatchResultsRequest(batch_id="batch-1"))
+        items = [r async for r in stream]
+        final = await stub.GetBatch(pb.GetBatchRequest(batch_id="batch-1"))
+        rest = stub.StreamBatchResults(pb.StreamBatchResultsRequest(batch_id="batch-1", after=3))
+        tail = [r async for r in rest]
+        alone = await stub.Search(pf_request("7*6-5", seed=8, n=2))
+        return [submitted, items, final, tail, alone]
+
+    submitted, items, final, tail, alone = serve(models, client)
+    assert submitted.batch_id == "batch-1" and submitted.size == 5 and not submitted.done
+    assert [r.offset for r in items] == [1, 2, 3, 4, 5]
+    assert sorted(r.index for r in items) == [0, 1, 2, 3, 4]
+    assert all(r.key == f"k{r.index}" for r in items)
+    assert all(r.status.state == pb.SEARCH_STATE_SUCCEEDED for r in items)
+    assert final.done and final.succeeded == 5 and final.failed == final.cancelled == 0
+    assert [r.offset for r in tail] == [4, 5] and tail == items[3:]
+    item3 = next(r for r in items if r.index == 3)  # seed 5 + 3, the same search run alone
+    assert item3.status.result.answer == alone.answer
+
+
+def test_bad_batches_get_their_status_codes(models) -> None:
+    async def client(stub, channel, server) -> list[tuple[grpc.StatusCode, str]]:
+        out = []
+        await stub.SubmitBatch(batch_request(["1+1"], "taken"))
+        calls = [
+            stub.SubmitBatch(pb.SubmitBatchRequest(params=batch_request([]).params)),
+            stub.SubmitBatch(batch_request(["1+1", ""])),
+            stub.SubmitBatch(batch_request(["1+1"], "bad id")),
+            stub.SubmitBatch(batch_request(["1+1"], "taken")),
+            stub.GetBatch(pb.GetBatchRequest(batch_id="missing")),
+        ]
+        for call in calls:
+            try:
+                await call
+                out.append((Code.OK, ""))
+            except grpc.aio.AioRpcError as e:
+                out.append((e.code(), e.details()))
+        try:
+            stream = stub.StreamBatchResults(pb.StreamBatchResultsRequest(batch_id="missing"))
+            [r async for r in stream]
+        except grpc.aio.AioRpcError as e:
+            out.append((e.code(), e.details()))
+        return out
+
+    out = serve(models, client)
+    assert [code for code, _ in out] == [
+        Code.INVALID_ARGUMENT,
+        Code.INVALID_ARGUMENT,
+        Code.INVALID_ARGUMENT,
+        Code.ALREADY_EXISTS,
+        Code.NOT_FOUND,
+        Code.NOT_FOUND,
+    ]
+    assert out[0][1].startswith("items") and out[1][1].startswith("items[1].problem")
+    assert out[2][1].startswith("batch_id")

@@ -422,19 +422,29 @@ class SearchStatus(_message.Message):
     finished_at: float
     def __init__(self, search_id: _Optional[str] = ..., state: _Optional[_Union[SearchState, str]] = ..., algorithm: _Optional[str] = ..., result: _Optional[_Union[SearchResult, _Mapping]] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
 
+class BatchItem(_message.Message):
+    __slots__ = ("problem", "seed", "key")
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    problem: Problem
+    seed: int
+    key: str
+    def __init__(self, problem: _Optional[_Union[Problem, _Mapping]] = ..., seed: _Optional[int] = ..., key: _Optional[str] = ...) -> None: ...
+
 class SubmitBatchRequest(_message.Message):
-    __slots__ = ("problems", "params", "budget", "seed", "batch_id")
-    PROBLEMS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("items", "params", "budget", "seed", "batch_id")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    problems: _containers.RepeatedCompositeFieldContainer[Problem]
+    items: _containers.RepeatedCompositeFieldContainer[BatchItem]
     params: AlgorithmParams
     budget: Budget
     seed: int
     batch_id: str
-    def __init__(self, problems: _Optional[_Iterable[_Union[Problem, _Mapping]]] = ..., params: _Optional[_Union[AlgorithmParams, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., seed: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., params: _Optional[_Union[AlgorithmParams, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., seed: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
     __slots__ = ("batch_id",)
@@ -469,11 +479,13 @@ class StreamBatchResultsRequest(_message.Message):
     def __init__(self, batch_id: _Optional[str] = ..., after: _Optional[int] = ...) -> None: ...
 
 class BatchItemResult(_message.Message):
-    __slots__ = ("offset", "index", "status")
+    __slots__ = ("offset", "index", "key", "status")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     offset: int
     index: int
+    key: str
     status: SearchStatus
-    def __init__(self, offset: _Optional[int] = ..., index: _Optional[int] = ..., status: _Optional[_Union[SearchStatus, _Mapping]] = ...) -> None: ...
+    def __init__(self, offset: _Optional[int] = ..., index: _Optional[int] = ..., key: _Optional[str] = ..., status: _Optional[_Union[SearchStatus, _Mapping]] = ...) -> None: ...
