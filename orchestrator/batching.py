@@ -16,6 +16,12 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
+
+class WorkersUnavailable(RuntimeError):
+    """A worker is gone for good (its restarts or retries ran out): the search cannot go on
+    here, but nothing is wrong with the request. The service answers UNAVAILABLE."""
+
+
 Req = TypeVar("Req")
 Out = TypeVar("Out")
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
 
-from lodestar.orchestrator.batching import RequestBatcher, SearchScope
+from lodestar.orchestrator.batching import RequestBatcher, SearchScope, WorkersUnavailable
 from lodestar.workers.actors import ModelHost, Role
 from lodestar.workers.factory import ModelConfig
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
@@ -67,10 +68,16 @@ class _Member:
         self.score = RequestBatcher(self._score, config.max_batch, config.max_wait_s)
 
     async def _extend(self, requests: list[ExtendRequest]) -> list[StepOutput]:
-        return await self.handle.extend.remote(requests)
+        try:
+            return await self.handle.extend.remote(requests)
+        except (RayActorError, ActorUnavailableError) as e:
+            raise WorkersUnavailable(f"policy worker unavailable: {e}") from e
 
     async def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
-        return await self.handle.score.remote(requests)
+        try:
+            return await self.handle.score.remote(requests)
+        except (RayActorError, ActorUnavailableError) as e:
+            raise WorkersUnavailable(f"reward worker unavailable: {e}") from e
 
 
 class RayWorkerPool:

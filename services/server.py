@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from lodestar.orchestrator.algorithms.registry import ParamError, start_search
+from lodestar.orchestrator.batching import WorkersUnavailable
 from lodestar.orchestrator.driver import Orchestrator, Overloaded
 from lodestar.orchestrator.state_store import (
     BatchExists,
@@ -272,6 +273,9 @@ class SearchService(pb_grpc.SearchServiceServicer):
             return result_to_wire(record.result, record)
         if record.status is JobStatus.CANCELLED:
             raise _Refused(grpc.StatusCode.CANCELLED, f"search {record.search_id} was cancelled")
+        if (record.error or "").startswith(WorkersUnavailable.__name__):
+            message = f"search {record.search_id} failed: {record.error}"
+            raise _Refused(grpc.StatusCode.UNAVAILABLE, message)
         raise _Refused(
             grpc.StatusCode.INTERNAL, f"search {record.search_id} failed: {record.error}"
         )

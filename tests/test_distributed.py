@@ -229,3 +229,28 @@ def test_200_concurrent_searches_all_finish_once_with_their_sequential_results(
         generations = [json.loads(e.data)["generation"] for e in log[:-1]]
         assert generations == list(range(1, len(generations) + 1))
     assert_same_results([comparable(r.result) for r in records], reference(specs, reward="prm"))
+
+
+def test_a_worker_that_stays_dead_fails_its_searches_as_workers_unavailable(ray_cluster) -> None:
+    specs = problem_specs(2, "dead-worker", ops=3, params={"n": 16})
+
+    async def main() -> list[Any]:
+        pool = RayWorkerPool(PoolConfig(threads=1, max_restarts=0, max_task_retries=0))
+        try:
+            pid = (await pool.policy_members[0].handle.info.remote())["pid"]
+            async with open_state_store("memory://") as store:
+                orch = Orchestrator(store, pool)
+                try:
+                    for s in specs:
+                        await orch.submit(s)
+                    await wait_for_checkpoints(store, specs[:1])
+                    os.kill(pid, signal.SIGKILL)
+                    return [await asyncio.wait_for(orch.wait(s.search_id), 60) for s in specs]
+                finally:
+                    await orch.close()
+        finally:
+            pool.shutdown()
+
+    for record in asyncio.run(main()):
+        assert record.status is JobStatus.FAILED
+        assert record.error.startswith("WorkersUnavailable: policy worker unavailable")

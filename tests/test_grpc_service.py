@@ -470,3 +470,26 @@ def test_bad_batches_get_their_status_codes(models) -> None:
     ]
     assert out[0][1].startswith("items") and out[1][1].startswith("items[1].problem")
     assert out[2][1].startswith("batch_id")
+
+
+class GoneWorker:
+    """A policy whose worker has died for good (what the Ray pool raises once restarts and
+    retries run out, see test_distributed.py); here only the status-code mapping is under test."""
+
+    def extend(self, requests: Any) -> Any:
+        from lodestar.orchestrator.batching import WorkersUnavailable
+
+        raise WorkersUnavailable("policy worker unavailable: the actor died")
+
+    def release_prefix(self, prefix: str) -> int:
+        return 0
+
+
+def test_searches_whose_workers_are_gone_are_unavailable(models) -> None:
+    async def client(stub, channel, server) -> tuple[grpc.StatusCode, str]:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Search(pf_request())
+        return info.value.code(), info.value.details()
+
+    code, details = serve((GoneWorker(), models[1]), client)
+    assert code is Code.UNAVAILABLE and "policy worker unavailable" in details
