@@ -109,6 +109,11 @@ def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation:
     }
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def result_to_json(result: SearchResult) -> str:
     return json.dumps(dataclasses.asdict(result), allow_nan=True)
 
@@ -284,6 +289,8 @@ class Orchestrator:
         cancelled = False  # checked above; then the flag comes back with each step's write
         try:
             while not algorithm.is_done(state):
+                if _being_cancelled():  # see _maintain
+                    raise asyncio.CancelledError
                 if sid in self._lost:
                     raise LeaseLost(f"search {sid!r} was claimed by another orchestrator")
                 if cancelled:
@@ -363,8 +370,13 @@ class Orchestrator:
                     await self._claim_orphans()
             except StateStoreUnavailable as e:
                 log.warning("orchestrator %s: %s", self.owner, e)
+            if _being_cancelled():  # redis-py can swallow a cancel (or make it an error)
+                raise asyncio.CancelledError
+            # asyncio.timeout, not wait_for: in 3.11 a cancel racing wait_for's timeout turns into a
+            # TimeoutError, which would be swallowed here and leave close() waiting forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.config.scan_interval_s)
+                async with asyncio.timeout(self.config.scan_interval_s):
+                    await self._wake.wait()
 
     async def _renew_leases(self) -> None:
         for sid in list(self._running):

@@ -8,10 +8,12 @@ grace period, unfinished jobs keep their checkpoints (another server resumes the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.state_store import open_state_store
@@ -35,43 +37,67 @@ class ServeConfig:
     """Serve Prometheus metrics at http://0.0.0.0:<port>/metrics; None: off."""
 
 
-async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
-    """Run until SIGINT/SIGTERM."""
+@contextlib.asynccontextmanager
+async def runtime(config: ServeConfig) -> AsyncIterator[tuple[Orchestrator, RayWorkerPool]]:
+    """Ray, the state store, the model actors and the orchestrator, torn down in reverse. The
+    actors are still loading on entry (`await pool.ready()`); the orchestrator is not started."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
-    stop = asyncio.Event()  # handlers after ray.init, which installs its own for SIGTERM
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     store = open_state_store(config.store_url)
-    await store.ping()
-    pool = RayWorkerPool(config.pool)
-    orchestrator = Orchestrator(store, pool, config.orchestrator)
-    metrics = Metrics()
-    metrics.watch(orchestrator)
-    if config.metrics_port is not None:
-        metrics.serve(config.metrics_port)
-    server = LodestarServer(orchestrator, config.server)
-    poller = None
     try:
-        port = await server.start()
-        host = config.server.address.rpartition(":")[0]
-        announce(f"lodestar: listening on {host}:{port} (NOT_SERVING while models load)")
-        infos = await pool.ready()
-        await orchestrator.start()
-        poller = asyncio.create_task(metrics.poll_workers(pool))
-        await server.set_serving()
-        devices = ", ".join(sorted({i["device"] for i in infos}))
-        announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
-        await stop.wait()
-        announce("lodestar: shutting down")
+        await store.ping()
+        pool = RayWorkerPool(config.pool)
+        orchestrator = Orchestrator(store, pool, config.orchestrator)
+        try:
+            yield orchestrator, pool
+        finally:
+            await orchestrator.close()
+            pool.shutdown()
     finally:
-        if poller is not None:
-            poller.cancel()
-        await server.stop()
-        await orchestrator.close()
-        pool.shutdown()
         await store.close()
         ray.shutdown()
+
+
+async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
+    """Run until SIGINT/SIGTERM."""
+    async with runtime(config) as (orchestrator, pool):
+        stop = asyncio.Event()  # handlers after ray.init, which installs its own for SIGTERM
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        metrics = Metrics()
+        metrics.watch(orchestrator)
+        if config.metrics_port is not None:
+            metrics.serve(config.metrics_port)
+        server = LodestarServer(orchestrator, config.server)
+        poller = None
+        try:
+            port = await server.start()
+            host = config.server.address.rpartition(":")[0]
+            announce(f"lodestar: listening on {host}:{port} (NOT_SERVING while models load)")
+            infos = await pool.ready()
+            await orchestrator.start()
+            poller = asyncio.create_task(metrics.poll_workers(pool))
+            await server.set_serving()
+            devices = ", ".join(sorted({i["device"] for i in infos}))
+            announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
+            await stop.wait()
+            announce("lodestar: shutting down")
+        finally:
+            if poller is not None:
+                poller.cancel()
+            await server.stop()
+
+
+async def run_batch(config: ServeConfig, run: Callable[[Any], Awaitable[int]]) -> int:
+    """`run(stub)` against a SearchService in this process (no server, no port): the batch job
+    that `ray job submit -- lodestar batch run ...` starts on a cluster."""
+    from lodestar.services.local_stub import LocalStub
+    from lodestar.services.server import SearchService
+
+    async with runtime(config) as (orchestrator, pool):
+        await pool.ready()
+        await orchestrator.start()
+        return await run(LocalStub(SearchService(orchestrator, config.server)))

@@ -18,6 +18,39 @@ batch_app = typer.Typer(no_args_is_help=True, help="Batches of problems from JSO
 app.add_typer(batch_app, name="batch")
 console = Console()
 
+# Options shared by several commands.
+AlgorithmOpt = Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")]
+BudgetOpt = Annotated[
+    int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
+]
+ParamOpt = Annotated[
+    list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
+]
+SeedOpt = Annotated[int, typer.Option(help="Search seed.")]
+MaxTokensOpt = Annotated[int | None, typer.Option(help="Cap on generated tokens.")]
+MaxPrmPassesOpt = Annotated[int | None, typer.Option(help="Cap on PRM passes.")]
+PolicyOpt = Annotated[
+    Path | None, typer.Option(help="Policy model directory (default: the shipped policy).")
+]
+RewardOpt = Annotated[
+    str, typer.Option(help='"verifier", "prm" (the shipped PRM), or a PRM directory.')
+]
+PrmFamilyOpt = Annotated[
+    str | None,
+    typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
+]
+RedisOpt = Annotated[
+    str | None,
+    typer.Option(envvar="LODESTAR_REDIS_URL", help="redis://host:port/db (default: memory)."),
+]
+AddressOpt = Annotated[str, typer.Option(help="Server address.")]
+TokenOpt = Annotated[str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")]
+PolicyWorkersOpt = Annotated[int, typer.Option(help="Policy actors.")]
+RewardWorkersOpt = Annotated[int, typer.Option(help="Reward actors.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads per actor.")]
+MaxLiveOpt = Annotated[int, typer.Option(help="Searches advancing at once.")]
+NumGpusOpt = Annotated[float, typer.Option(help="GPUs per actor (0.5: two per GPU).")]
+
 
 @app.callback()
 def _root() -> None:
@@ -56,26 +89,15 @@ def _caps(max_tokens: int | None, max_prm_passes: int | None) -> dict[str, int]:
 @app.command()
 def solve(
     problem: Annotated[str, typer.Argument(help='The problem as a user writes it: "(7+5)*3".')],
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
-    budget: Annotated[
-        int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
-    ] = 8,
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
-    ] = None,
-    policy: Annotated[
-        Path | None, typer.Option(help="Policy model directory (default: the shipped policy).")
-    ] = None,
-    reward: Annotated[
-        str, typer.Option(help='"verifier", "prm" (the shipped PRM), or a PRM directory.')
-    ] = "verifier",
-    prm_family: Annotated[
-        str | None,
-        typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
-    max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
-    max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,
+    algorithm: AlgorithmOpt = "pf",
+    budget: BudgetOpt = 8,
+    param: ParamOpt = None,
+    policy: PolicyOpt = None,
+    reward: RewardOpt = "verifier",
+    prm_family: PrmFamilyOpt = None,
+    seed: SeedOpt = 0,
+    max_tokens: MaxTokensOpt = None,
+    max_prm_passes: MaxPrmPassesOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
 ) -> None:
@@ -120,28 +142,18 @@ def solve(
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="gRPC port (0: any free port).")] = 50051,
-    policy: Annotated[
-        Path | None, typer.Option(help="Policy model directory (default: the shipped policy).")
-    ] = None,
-    reward: Annotated[
-        str, typer.Option(help='"verifier", "prm" (the shipped PRM), or a PRM directory.')
-    ] = "verifier",
-    prm_family: Annotated[
-        str | None,
-        typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
-    ] = None,
-    redis: Annotated[
-        str | None,
-        typer.Option(envvar="LODESTAR_REDIS_URL", help="redis://host:port/db (default: memory)."),
-    ] = None,
+    policy: PolicyOpt = None,
+    reward: RewardOpt = "verifier",
+    prm_family: PrmFamilyOpt = None,
+    redis: RedisOpt = None,
     ray_address: Annotated[
         str, typer.Option(help='"local" starts a private Ray; "auto" / ray://... joins one.')
     ] = "local",
-    policy_workers: Annotated[int, typer.Option(help="Policy actors.")] = 1,
-    reward_workers: Annotated[int, typer.Option(help="Reward actors.")] = 1,
-    num_gpus: Annotated[float, typer.Option(help="GPUs per actor (0.5: two per GPU).")] = 0.0,
-    threads: Annotated[int | None, typer.Option(help="torch threads per actor.")] = None,
-    max_live: Annotated[int, typer.Option(help="Searches advancing at once.")] = 64,
+    policy_workers: PolicyWorkersOpt = 1,
+    reward_workers: RewardWorkersOpt = 1,
+    num_gpus: NumGpusOpt = 0.0,
+    threads: ThreadsOpt = None,
+    max_live: MaxLiveOpt = 64,
     max_queued: Annotated[int, typer.Option(help="Accepted searches waiting for a slot.")] = 1024,
     lease_s: Annotated[
         float, typer.Option(help="Seconds before another server resumes a dead one's searches.")
@@ -158,23 +170,61 @@ def serve(
     ] = "text",
 ) -> None:
     """Serve the gRPC API: local Ray, model actors, the orchestrator and the state store."""
-    from lodestar.orchestrator.driver import OrchestratorConfig
-    from lodestar.orchestrator.worker_pool import PoolConfig
-    from lodestar.services.app import ServeConfig
     from lodestar.services.app import serve as run
     from lodestar.services.logs import configure_logging
-    from lodestar.services.server import ServerConfig
-    from lodestar.workers.factory import ModelConfig
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter('"text" or "json"', param_hint="--log-format")
     configure_logging(log_format)  # type: ignore[arg-type]
+    config = _runtime_config(
+        policy,
+        reward,
+        prm_family,
+        redis,
+        ray_address,
+        policy_workers,
+        reward_workers,
+        num_gpus,
+        threads,
+        max_live,
+        max_queued,
+        lease_s,
+        address=f"{host}:{port}",
+        auth_token=auth_token,
+        metrics_port=metrics_port,
+    )
+    asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
+
+
+def _runtime_config(
+    policy: Path | None,
+    reward: str,
+    prm_family: str | None,
+    redis: str | None,
+    ray_address: str,
+    policy_workers: int,
+    reward_workers: int,
+    num_gpus: float,
+    threads: int | None,
+    max_live: int,
+    max_queued: int,
+    lease_s: float,
+    address: str = "127.0.0.1:0",
+    auth_token: str | None = None,
+    metrics_port: int | None = None,
+) -> Any:
+    from lodestar.orchestrator.driver import OrchestratorConfig
+    from lodestar.orchestrator.worker_pool import PoolConfig
+    from lodestar.services.app import ServeConfig
+    from lodestar.services.server import ServerConfig
+    from lodestar.workers.factory import ModelConfig
+
     models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family)
     reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
     policy_name = policy.name if policy is not None else "arith-policy"
-    config = ServeConfig(
+    return ServeConfig(
         server=ServerConfig(
-            address=f"{host}:{port}",
+            address=address,
             auth_token=auth_token,
             policy_model=policy_name,
             reward_model=reward_name,
@@ -196,27 +246,20 @@ def serve(
         ray_address=ray_address,
         metrics_port=metrics_port,
     )
-    asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 
 
 @app.command()
 def search(
     problem: Annotated[str, typer.Argument(help='The problem: "(7+5)*3".')],
-    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
-    budget: Annotated[
-        int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
-    ] = 8,
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Search seed.")] = 0,
-    max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
-    max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,
+    address: AddressOpt = "127.0.0.1:50051",
+    algorithm: AlgorithmOpt = "pf",
+    budget: BudgetOpt = 8,
+    param: ParamOpt = None,
+    seed: SeedOpt = 0,
+    max_tokens: MaxTokensOpt = None,
+    max_prm_passes: MaxPrmPassesOpt = None,
     timeout: Annotated[float | None, typer.Option(help="Deadline in seconds.")] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
-    ] = None,
+    token: TokenOpt = None,
 ) -> None:
     """Run a search on a server, showing its progress live."""
     from lodestar.services.client import run_search
@@ -233,39 +276,83 @@ def search(
 def batch_submit(
     problems: Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)],
     output: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")],
-    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
-    algorithm: Annotated[str, typer.Option("--algorithm", "-a", help="Search algorithm.")] = "pf",
-    budget: Annotated[
-        int | None, typer.Option("--budget", "-n", help="Particles / samples / beams / solutions.")
-    ] = 8,
-    param: Annotated[
-        list[str] | None, typer.Option("--param", "-p", help="Algorithm parameter key=value.")
-    ] = None,
+    address: AddressOpt = "127.0.0.1:50051",
+    algorithm: AlgorithmOpt = "pf",
+    budget: BudgetOpt = 8,
+    param: ParamOpt = None,
     seed: Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")] = 0,
-    max_tokens: Annotated[int | None, typer.Option(help="Cap on generated tokens.")] = None,
-    max_prm_passes: Annotated[int | None, typer.Option(help="Cap on PRM passes.")] = None,
-    token: Annotated[
-        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
-    ] = None,
+    max_tokens: MaxTokensOpt = None,
+    max_prm_passes: MaxPrmPassesOpt = None,
+    token: TokenOpt = None,
 ) -> None:
     """Solve every problem of a file on a server; re-run the same command to resume."""
-    from lodestar.services.client import run_batch_file
+    from lodestar.services.client import BatchFileJob, run_batch_file
 
     params = _search_params(algorithm, budget, param)
     caps = _caps(max_tokens, max_prm_passes)
-    code = asyncio.run(
-        run_batch_file(address, problems, output, algorithm, params, seed, caps, token, console)
-    )
+    job = BatchFileJob(problems, output, algorithm, params, seed, caps)
+    code = asyncio.run(run_batch_file(address, token, job, console))
     raise typer.Exit(code)
+
+
+@batch_app.command("run")
+def batch_run(
+    problems: Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")],
+    algorithm: AlgorithmOpt = "pf",
+    budget: BudgetOpt = 8,
+    param: ParamOpt = None,
+    seed: Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")] = 0,
+    max_tokens: MaxTokensOpt = None,
+    max_prm_passes: MaxPrmPassesOpt = None,
+    policy: PolicyOpt = None,
+    reward: RewardOpt = "verifier",
+    prm_family: PrmFamilyOpt = None,
+    redis: RedisOpt = None,
+    ray_address: Annotated[
+        str, typer.Option(help='"local" starts a private Ray; "auto" joins the job\'s cluster.')
+    ] = "local",
+    policy_workers: PolicyWorkersOpt = 1,
+    reward_workers: RewardWorkersOpt = 1,
+    num_gpus: NumGpusOpt = 0.0,
+    threads: ThreadsOpt = None,
+    max_live: MaxLiveOpt = 64,
+) -> None:
+    """Solve a file in this process, no server: the batch as a Ray job
+    (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like submit."""
+    from lodestar.services.app import run_batch
+    from lodestar.services.client import BatchFileJob, drive_batch_file
+
+    params = _search_params(algorithm, budget, param)
+    caps = _caps(max_tokens, max_prm_passes)
+    config = _runtime_config(
+        policy,
+        reward,
+        prm_family,
+        redis,
+        ray_address,
+        policy_workers,
+        reward_workers,
+        num_gpus,
+        threads,
+        max_live,
+        1024,
+        15.0,
+    )
+
+    job = BatchFileJob(problems, output, algorithm, params, seed, caps)
+
+    def drive(stub: Any) -> Any:
+        return drive_batch_file(stub, None, job, console)
+
+    raise typer.Exit(asyncio.run(run_batch(config, drive)))
 
 
 @batch_app.command("status")
 def batch_status(
     batch_id: Annotated[str, typer.Argument(help="The batch id submit printed.")],
-    address: Annotated[str, typer.Option(help="Server address.")] = "127.0.0.1:50051",
-    token: Annotated[
-        str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")
-    ] = None,
+    address: AddressOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
 ) -> None:
     """How far a batch has got."""
     from lodestar.services.client import show_batch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,21 +129,35 @@ def status_doc(status: pb.SearchStatus) -> dict[str, Any]:
     return doc
 
 
+@dataclass(frozen=True)
+class BatchFileJob:
+    """A problems file, where its results go, and the search settings every line shares."""
+
+    problems: Path
+    output: Path
+    algorithm: str
+    params: dict[str, Any]
+    seed: int
+    budget: dict[str, int]
+
+
 async def run_batch_file(
-    address: str,
-    problems: Path,
-    output: Path,
-    algorithm: str,
-    params: dict[str, Any],
-    seed: int,
-    budget: dict[str, int],
-    token: str | None,
-    console: Console,
+    address: str, token: str | None, job: BatchFileJob, console: Console
 ) -> int:
+    """`drive_batch_file` against a server."""
+    metadata = [("authorization", f"Bearer {token}")] if token else None
+    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.SearchServiceStub(channel)
+        return await drive_batch_file(stub, metadata, job, console)
+
+
+async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console: Console) -> int:
     """Submit (or re-attach to) the batch of a problems file and append results as they come.
 
+    `stub` is a SearchService stub: a channel's, or `LocalStub` over a service in this process.
     The batch id goes to `<output>.batch` first: a re-run attaches to that batch while the
-    server still has it, else submits only the lines the output file lacks."""
+    service still has it, else submits only the lines the output file lacks."""
+    problems, output, seed = job.problems, job.output, job.seed
     good, bad = read_problems(problems)
     for b in bad:
         console.print(f"[yellow]{problems}:{b.line}[/yellow]: {b.reason} (skipped)")
@@ -151,44 +166,41 @@ async def run_batch_file(
     if not todo:
         console.print(f"nothing to do: {len(done)} results already in {output}")
         return 0
-    metadata = [("authorization", f"Bearer {token}")] if token else None
     state = output.with_name(output.name + ".batch")
     by_key = {str(b.line): b for b in todo}
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        stub = pb_grpc.SearchServiceStub(channel)
-        try:
-            batch_id = await _attach(stub, state, metadata)
-            if batch_id is None:
-                request = pb.SubmitBatchRequest(
-                    items=[_item(b, seed) for b in todo],
-                    params=params_to_wire(algorithm, params),
-                    budget=pb.Budget(**budget),
-                    seed=seed,
-                )
-                batch_id = (await stub.SubmitBatch(request, metadata=metadata)).batch_id
-                state.write_text(json.dumps({"batch_id": batch_id}))
-            console.print(f"batch {batch_id}: {len(todo)} to go, {len(done)} already done")
-            counts: dict[str, int] = {}
-            columns = (*Progress.get_default_columns(), MofNCompleteColumn())
-            with open_output(output) as out, Progress(*columns, console=console) as bar:
-                task = bar.add_task("solving", total=len(todo))
-                results = stub.StreamBatchResults(
-                    pb.StreamBatchResultsRequest(batch_id=batch_id), metadata=metadata
-                )
-                async for item in results:
-                    line = by_key.pop(item.key, None)
-                    if line is None:  # written by an earlier run
-                        continue
-                    doc = status_doc(item.status)
-                    write_result(out, line, doc)
-                    counts[doc["status"]] = counts.get(doc["status"], 0) + 1
-                    bar.advance(task)
-        except grpc.aio.AioRpcError as e:
-            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
-            return 1
-        except ValueError as e:
-            console.print(f"[red]invalid request[/red]: {e}")
-            return 2
+    try:
+        batch_id = await _attach(stub, state, metadata)
+        if batch_id is None:
+            request = pb.SubmitBatchRequest(
+                items=[_item(b, seed) for b in todo],
+                params=params_to_wire(job.algorithm, job.params),
+                budget=pb.Budget(**job.budget),
+                seed=seed,
+            )
+            batch_id = (await stub.SubmitBatch(request, metadata=metadata)).batch_id
+            state.write_text(json.dumps({"batch_id": batch_id}))
+        console.print(f"batch {batch_id}: {len(todo)} to go, {len(done)} already done")
+        counts: dict[str, int] = {}
+        columns = (*Progress.get_default_columns(), MofNCompleteColumn())
+        with open_output(output) as out, Progress(*columns, console=console) as bar:
+            task = bar.add_task("solving", total=len(todo))
+            results = stub.StreamBatchResults(
+                pb.StreamBatchResultsRequest(batch_id=batch_id), metadata=metadata
+            )
+            async for item in results:
+                line = by_key.pop(item.key, None)
+                if line is None:  # written by an earlier run
+                    continue
+                doc = status_doc(item.status)
+                write_result(out, line, doc)
+                counts[doc["status"]] = counts.get(doc["status"], 0) + 1
+                bar.advance(task)
+    except grpc.aio.AioRpcError as e:
+        console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+        return 1
+    except ValueError as e:
+        console.print(f"[red]invalid request[/red]: {e}")
+        return 2
     state.unlink(missing_ok=True)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     console.print(f"{summary}; {len(bad)} bad lines skipped; results in {output}")

@@ -113,3 +113,24 @@ def test_a_1000_problem_batch_killed_half_way_resumes_without_loss_or_duplicates
     assert set(numbers) == set(range(1, 1003)) - {11, 12}
     assert all(r["status"] == "succeeded" and r["final_answer"] for r in results)
     assert not output.with_name(output.name + ".batch").exists()
+
+
+def test_batch_run_solves_a_file_in_process_and_a_rerun_has_nothing_to_do(tmp_path: Path) -> None:
+    problems = generate_problems("train", 20, Difficulty(ops=2), seed=9)
+    source = tmp_path / "problems.jsonl"
+    lines = [json.dumps(p.expression) for p in problems[:10]]
+    lines += ['{"problem": "1+1", "extra": 1}']
+    lines += [
+        json.dumps({"messages": [{"role": "user", "content": p.expression}]}) for p in problems[10:]
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    output = tmp_path / "results.jsonl"
+    run = [*LODESTAR, "batch", "run", str(source), "-o", str(output), "--threads", "1", "-n", "2"]
+    first = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "problems.jsonl:11" in first.stdout and "unknown fields ['extra']" in first.stdout
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(r["line"] for r in results) == [*range(1, 11), *range(12, 22)]
+    assert all(r["status"] == "succeeded" for r in results)
+    again = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to do: 20 results" in again.stdout

@@ -236,9 +236,8 @@ class MemoryStateStore(StateStore):
             log = self._log(search_id)
             async with log.changed:
                 try:
-                    await asyncio.wait_for(
-                        log.changed.wait_for(lambda: log.last_offset > after), wait_s
-                    )
+                    async with asyncio.timeout(wait_s):  # unlike wait_for, never eats a cancel
+                        await log.changed.wait_for(lambda: log.last_offset > after)
                 except TimeoutError:
                     return []
         if log is None:
@@ -292,9 +291,8 @@ class MemoryStateStore(StateStore):
         if len(batch.results) <= after and wait_s > 0:
             async with batch.changed:
                 try:
-                    await asyncio.wait_for(
-                        batch.changed.wait_for(lambda: len(batch.results) > after), wait_s
-                    )
+                    async with asyncio.timeout(wait_s):  # unlike wait_for, never eats a cancel
+                        await batch.changed.wait_for(lambda: len(batch.results) > after)
                 except TimeoutError:
                     return []
         return batch.results[after : after + limit]  # offset n sits at position n - 1
