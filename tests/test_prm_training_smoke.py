@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lodestar.tasks.arithmetic import evaluate_steps, generate_problems, solution_steps
-from lodestar.training.evaluate_prm import auc
+from lodestar.training.evaluate_prm import auc, within_group_auc
 from lodestar.training.train_policy import TrainConfig, build_model, build_tokenizer
 from lodestar.training.train_prm import (
     SEPARATOR,
@@ -121,3 +122,13 @@ def test_perturbed_solutions_are_wrong_only_at_their_last_step() -> None:
 def test_auc() -> None:
     assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
     assert auc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_within_group_auc_sees_a_ranking_that_pooling_hides() -> None:
+    # An easy problem scores everything high, a hard one everything low. Inside each problem the
+    # wrong samples outrank the right ones, yet pooled, right samples mostly score higher.
+    scores = [0.90, 0.91, 0.92, 0.95, 0.10, 0.20, 0.30, 0.40]
+    labels = [1, 1, 1, 0, 1, 0, 0, 0]
+    assert auc(scores, labels) == 9 / 16
+    assert within_group_auc(scores, labels, 4) == 0.0
+    assert math.isnan(within_group_auc([0.1, 0.2], [1, 1], 2))  # no problem with both classes

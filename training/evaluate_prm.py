@@ -8,7 +8,8 @@ does); `evaluate_steps` labels every step. The PRM scores them through `RewardWo
 numbers are those of the model the service runs. Reported:
 
 - step AUC and accuracy at 0.5 over all steps (label: the step is right and so is all before it);
-- final AUC: the last step's reward against whether the solution's boxed answer is right;
+- final AUC: the last step's reward against whether the solution's boxed answer is right, pooled
+  and within each problem's samples (the ranking best-of-n and search rely on);
 - best-of-n from these samples: the sample with the highest last-step reward per problem, next to
   the first sample's accuracy (one policy sample) and pass@n (an oracle's pick).
 """
@@ -46,6 +47,18 @@ def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
         rank_sum += mid_rank * sum(y for _, y in pairs[i:j])
         i = j
     return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def within_group_auc(scores: Sequence[float], labels: Sequence[int], group: int) -> float:
+    """Mean AUC inside consecutive groups of `group` (one problem's samples) that hold both
+    classes; NaN when none does. What search needs is this ranking among one problem's
+    candidates: a pooled AUC can be high from problem difficulty alone."""
+    values = [
+        auc(scores[lo : lo + group], labels[lo : lo + group])
+        for lo in range(0, len(scores), group)
+        if 0 < sum(labels[lo : lo + group]) < len(labels[lo : lo + group])
+    ]
+    return sum(values) / len(values) if values else float("nan")
 
 
 def score_all(
@@ -125,6 +138,7 @@ def evaluate_prm(
         "step_auc": round(auc(step_scores, step_labels), 4),
         "step_accuracy_at_0.5": round(acc / len(step_labels), 4),
         "final_auc": round(auc(final_scores, final_labels), 4),
+        "final_auc_within_problem": round(within_group_auc(final_scores, final_labels, samples), 4),
         "final_positive_rate": round(sum(final_labels) / len(final_labels), 4),
         "single_sample_accuracy": round(first / problems, 4),
         "best_of_n_accuracy": round(chosen / problems, 4),
