@@ -324,7 +324,6 @@ class StateStore(ABC):
     @abstractmethod
     async def get_job(self, search_id: str) -> JobRecord | None: ...
 
-    @abstractmethod
     async def update_job(
         self,
         search_id: str,
@@ -339,6 +338,36 @@ class StateStore(ABC):
         Raises `JobNotFound`, or `InvalidTransition` for a forbidden status change or any change
         to a finished job. Finishing releases the lease and starts the TTL of the search's keys.
         """
+        try:
+            job = await self._update_job_only(
+                search_id, status=status, spend=spend, result=result, error=error
+            )
+        except InvalidTransition:
+            # Perhaps a retry whose first try finished the job, then lost its batch step.
+            finished = await self.get_job(search_id)
+            if finished is not None and finished.status.finished:
+                await self._finish_batch_item(finished)
+            raise
+        if job.status.finished:
+            await self._finish_batch_item(job)
+        return job
+
+    @abstractmethod
+    async def _update_job_only(
+        self,
+        search_id: str,
+        *,
+        status: JobStatus | None = None,
+        spend: Mapping[str, float] | None = None,
+        result: str | None = None,
+        error: str | None = None,
+    ) -> JobRecord:
+        """`update_job` without its batch step (tests call it to open the crash window)."""
+
+    @abstractmethod
+    async def _finish_batch_item(self, job: JobRecord) -> bool:
+        """The batch half of finishing a job: count it once in its batch; True if this call
+        counted it."""
 
     @abstractmethod
     async def list_unfinished(self) -> list[JobRecord]:

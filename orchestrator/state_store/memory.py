@@ -23,7 +23,6 @@ from lodestar.orchestrator.state_store.base import (
     BatchRecord,
     BatchResult,
     Checkpoint,
-    InvalidTransition,
     JobExists,
     JobNotFound,
     JobRecord,
@@ -121,28 +120,6 @@ class MemoryStateStore(StateStore):
         check_search_id(search_id)
         self._purge()
         return self._jobs.get(search_id)
-
-    async def update_job(
-        self,
-        search_id: str,
-        *,
-        status: JobStatus | None = None,
-        spend: Mapping[str, float] | None = None,
-        result: str | None = None,
-        error: str | None = None,
-    ) -> JobRecord:
-        try:
-            job = await self._update_job_only(
-                search_id, status=status, spend=spend, result=result, error=error
-            )
-        except InvalidTransition:
-            finished = self._jobs.get(search_id)
-            if finished is not None and finished.status.finished:
-                await self._finish_batch_item(finished)  # same contract as Redis: retry heals
-            raise
-        if job.status.finished:
-            await self._finish_batch_item(job)
-        return job
 
     async def _update_job_only(
         self,

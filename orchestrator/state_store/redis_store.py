@@ -238,29 +238,6 @@ class RedisStateStore(StateStore):
             fields = await self._redis.hgetall(keys[0])
         return _job_from_hash(search_id, fields) if fields else None
 
-    async def update_job(
-        self,
-        search_id: str,
-        *,
-        status: JobStatus | None = None,
-        spend: Mapping[str, float] | None = None,
-        result: str | None = None,
-        error: str | None = None,
-    ) -> JobRecord:
-        try:
-            job = await self._update_job_only(
-                search_id, status=status, spend=spend, result=result, error=error
-            )
-        except InvalidTransition:
-            # Perhaps a retry whose first try finished the job, then lost its batch step.
-            finished = await self.get_job(search_id)
-            if finished is not None and finished.status.finished:
-                await self._finish_batch_item(finished)
-            raise
-        if job.status.finished:
-            await self._finish_batch_item(job)
-        return job
-
     async def _update_job_only(
         self,
         search_id: str,
