@@ -109,6 +109,13 @@ def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation:
     }
 
 
+def _start(spec: JobSpec) -> tuple[SearchAlgorithm[Any, Any], Any]:
+    """Validate a job's spec in full and build the algorithm's initial state."""
+    return start_search(
+        spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
+    )
+
+
 def _being_cancelled() -> bool:
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
@@ -173,9 +180,7 @@ class Orchestrator:
     async def submit(self, spec: JobSpec) -> JobRecord:
         """Validate, store and schedule a search. Raises `ParamError` (bad request, nothing
         stored), `Overloaded`, `JobExists` or `StateStoreUnavailable`."""
-        start_search(
-            spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
-        )
+        _start(spec)
         limit = self.config.max_live + self.config.max_queued
         if self.accepted >= limit:
             raise Overloaded(limit)
@@ -194,19 +199,16 @@ class Orchestrator:
     ) -> BatchRecord:
         """Validate every item, then store the batch and its queued jobs in one go. Items are
         not admitted here: every orchestrator of the store claims them as it has free slots.
-        Raises `ParamError` (field `items[i]...`), `BatchExists`, `JobExists`."""
+        Raises `ParamError` (`items[i].problem`, or the shared field), `BatchExists`,
+        `JobExists`."""
         for i, spec in enumerate(specs):
             try:
-                start_search(
-                    spec.algorithm,
-                    prompt_from_json(spec.problem),
-                    spec.params,
-                    spec.seed,
-                    spec.budget,
-                )
-            except ParamError as e:
-                field = e.field if e.field.startswith("params") else f"items[{i}].{e.field}"
-                raise ParamError(field, e.message) from None
+                _start(spec)
+            except ParamError as e:  # the item's own fields get its index; shared ones do not
+                per_item = e.field.split(".")[0] in ("problem", "seed")
+                raise ParamError(
+                    f"items[{i}].{e.field}" if per_item else e.field, e.message
+                ) from None
         record = await self.store.create_batch(batch_id, settings, specs)
         log.info("batch %s accepted (%d items)", batch_id, len(specs), extra={"batch_id": batch_id})
         self._wake.set()
@@ -277,9 +279,7 @@ class Orchestrator:
         algorithm: SearchAlgorithm[Any, Any]
         checkpoint = await self.store.load_checkpoint(sid)
         if checkpoint is None:
-            algorithm, state = start_search(
-                spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
-            )
+            algorithm, state = _start(spec)
             generation = 0
         else:
             algorithm = algorithm_for_checkpoint(checkpoint.data)
@@ -298,12 +298,11 @@ class Orchestrator:
                 before = dataclasses.asdict(algorithm.common(state).spend)
                 started = time.perf_counter()
                 state = await algorithm.advance(state, scope, scope)
-                if self.observer is not None:
-                    after = dataclasses.asdict(algorithm.common(state).spend)
-                    spent = {k: after[k] - before[k] for k in after}
-                    self.observer.step(time.perf_counter() - started, spent)
                 generation += 1
                 event = progress_event(algorithm, state, generation)
+                if self.observer is not None:
+                    spent = {k: v - before[k] for k, v in event["spend"].items()}
+                    self.observer.step(time.perf_counter() - started, spent)
                 cancelled = await self.store.record_step(
                     sid, generation, algorithm.dumps(state), json.dumps(event).encode()
                 )

@@ -49,6 +49,9 @@ PolicyWorkersOpt = Annotated[int, typer.Option(help="Policy actors.")]
 RewardWorkersOpt = Annotated[int, typer.Option(help="Reward actors.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads per actor.")]
 MaxLiveOpt = Annotated[int, typer.Option(help="Searches advancing at once.")]
+ProblemsArg = Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")]
+LineSeedOpt = Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")]
 NumGpusOpt = Annotated[float, typer.Option(help="GPUs per actor (0.5: two per GPU).")]
 
 
@@ -272,37 +275,52 @@ def search(
     raise typer.Exit(code)
 
 
+def _batch_job(
+    problems: Path,
+    output: Path,
+    algorithm: str,
+    budget: int | None,
+    param: list[str] | None,
+    seed: int,
+    max_tokens: int | None,
+    max_prm_passes: int | None,
+) -> Any:
+    from lodestar.services.client import BatchFileJob
+
+    params = _search_params(algorithm, budget, param)
+    caps = _caps(max_tokens, max_prm_passes)
+    return BatchFileJob(problems, output, algorithm, params, seed, caps)
+
+
 @batch_app.command("submit")
 def batch_submit(
-    problems: Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")],
+    problems: ProblemsArg,
+    output: OutputOpt,
     address: AddressOpt = "127.0.0.1:50051",
     algorithm: AlgorithmOpt = "pf",
     budget: BudgetOpt = 8,
     param: ParamOpt = None,
-    seed: Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")] = 0,
+    seed: LineSeedOpt = 0,
     max_tokens: MaxTokensOpt = None,
     max_prm_passes: MaxPrmPassesOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Solve every problem of a file on a server; re-run the same command to resume."""
-    from lodestar.services.client import BatchFileJob, run_batch_file
+    from lodestar.services.client import run_batch_file
 
-    params = _search_params(algorithm, budget, param)
-    caps = _caps(max_tokens, max_prm_passes)
-    job = BatchFileJob(problems, output, algorithm, params, seed, caps)
+    job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
     code = asyncio.run(run_batch_file(address, token, job, console))
     raise typer.Exit(code)
 
 
 @batch_app.command("run")
 def batch_run(
-    problems: Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="JSONL results (appended).")],
+    problems: ProblemsArg,
+    output: OutputOpt,
     algorithm: AlgorithmOpt = "pf",
     budget: BudgetOpt = 8,
     param: ParamOpt = None,
-    seed: Annotated[int, typer.Option(help="Base seed; a line's seed is seed + line number.")] = 0,
+    seed: LineSeedOpt = 0,
     max_tokens: MaxTokensOpt = None,
     max_prm_passes: MaxPrmPassesOpt = None,
     policy: PolicyOpt = None,
@@ -321,10 +339,8 @@ def batch_run(
     """Solve a file in this process, no server: the batch as a Ray job
     (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like submit."""
     from lodestar.services.app import run_batch
-    from lodestar.services.client import BatchFileJob, drive_batch_file
+    from lodestar.services.client import drive_batch_file
 
-    params = _search_params(algorithm, budget, param)
-    caps = _caps(max_tokens, max_prm_passes)
     config = _runtime_config(
         policy,
         reward,
@@ -340,7 +356,7 @@ def batch_run(
         15.0,
     )
 
-    job = BatchFileJob(problems, output, algorithm, params, seed, caps)
+    job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
 
     def drive(stub: Any) -> Any:
         return drive_batch_file(stub, None, job, console)

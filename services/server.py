@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from lodestar.orchestrator.algorithms.registry import ParamError, start_search
+from lodestar.orchestrator.algorithms.registry import ParamError
 from lodestar.orchestrator.batching import WorkersUnavailable
 from lodestar.orchestrator.driver import Orchestrator, Overloaded
 from lodestar.orchestrator.state_store import (
@@ -48,7 +48,6 @@ from lodestar.services.convert import (
 )
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
-from lodestar.workers.messages import prompt_from_json
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResult:
         async with status_codes(context, "Search"):
             spec = self._spec(request)
-            await self.orchestrator.submit(spec)
+            await self._submit(spec)
             with self._cancel_on_disconnect(spec.search_id):
                 record = await self.orchestrator.wait(spec.search_id)
             return self._final(record)
@@ -134,7 +133,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     ) -> AsyncIterator[pb.SearchEvent]:
         async with status_codes(context, "StreamSearch"):
             spec = self._spec(request)
-            await self.orchestrator.submit(spec)
+            await self._submit(spec)
             with self._cancel_on_disconnect(spec.search_id):
                 async for event in self.store.follow(spec.search_id, wait_s=1.0):
                     if event.terminal:
@@ -157,7 +156,11 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.BatchStatus:
         async with status_codes(context, "SubmitBatch"):
             batch_id, settings, specs = self._batch(request)
-            return batch_to_wire(await self.orchestrator.submit_batch(batch_id, settings, specs))
+            try:
+                record = await self.orchestrator.submit_batch(batch_id, settings, specs)
+            except ParamError as e:
+                raise wire_path(e, settings["algorithm"], settings["params"]) from None
+            return batch_to_wire(record)
 
     async def GetBatch(self, request: pb.GetBatchRequest, context: Any) -> pb.BatchStatus:
         async with status_codes(context, "GetBatch"):
@@ -193,7 +196,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     # -- helpers ---------------------------------------------------------------------------------
 
     def _batch(self, request: pb.SubmitBatchRequest) -> tuple[str, dict[str, Any], list[JobSpec]]:
-        """Shared settings validated once, each item's problem checked, nothing stored yet."""
+        """The batch a request asks for; the orchestrator validates every item before storing."""
         if not request.items:
             raise ParamError("items", "must not be empty")
         if len(request.items) > self.config.max_batch_items:
@@ -216,10 +219,6 @@ class SearchService(pb_grpc.SearchServiceServicer):
             seed = item.seed if item.HasField("seed") else request.seed + i
             search_id = f"{batch_id}.{i:06d}"
             specs.append(JobSpec(search_id, algorithm, params, problem, seed, budget, batch_id, i))
-        try:
-            start_search(algorithm, prompt_from_json(specs[0].problem), params, 0, budget)
-        except ParamError as e:
-            raise wire_path(e, algorithm, params) from None
         settings = {
             "algorithm": algorithm,
             "params": params,
@@ -230,7 +229,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
         return batch_id, settings, specs
 
     def _spec(self, request: pb.SearchRequest) -> JobSpec:
-        """The job a request asks for, validated in full before anything is stored."""
+        """The job a request asks for; the orchestrator validates the rest before storing it."""
         c = self.config
         if request.policy_model and request.policy_model != c.policy_model:
             raise ParamError("policy_model", f"this server serves {c.policy_model!r}")
@@ -244,11 +243,13 @@ class SearchService(pb_grpc.SearchServiceServicer):
         problem = problem_from_wire(request.problem)
         algorithm, params = params_from_wire(request.params)
         budget = self._budget(set_fields(request.budget))
-        try:
-            start_search(algorithm, prompt_from_json(problem), params, request.seed, budget)
-        except ParamError as e:
-            raise wire_path(e, algorithm, params) from None
         return JobSpec(search_id, algorithm, params, problem, request.seed, budget)
+
+    async def _submit(self, spec: JobSpec) -> None:
+        try:
+            await self.orchestrator.submit(spec)
+        except ParamError as e:  # the registry's paths (`params.n`) as the wire's (`params.pf.n`)
+            raise wire_path(e, spec.algorithm, spec.params) from None
 
     def _budget(self, asked: dict[str, int]) -> dict[str, int]:
         caps = {
