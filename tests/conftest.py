@@ -34,3 +34,20 @@ def redis_server():
 
     with new_redis_server() as server:
         yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest):
+    """A state-store backend for contract tests: memory, then a flushed private Redis."""
+    import redis
+
+    from lodestar.orchestrator.state_store import MemoryStateStore, StoreConfig
+    from lodestar.orchestrator.state_store.redis_store import RedisStateStore, RedisStoreConfig
+    from tests.store_backends import Backend
+
+    if request.param == "memory":
+        return Backend("memory", lambda **s: MemoryStateStore(StoreConfig(**s)))
+    server = request.getfixturevalue("redis_server")
+    with redis.Redis.from_url(server.url) as client:
+        client.flushall()
+    return Backend("redis", lambda **s: RedisStateStore(RedisStoreConfig(url=server.url, **s)))

@@ -25,29 +25,18 @@ from lodestar.orchestrator.state_store import (
     JobExists,
     JobSpec,
     JobStatus,
-    MemoryStateStore,
     StateStore,
     StateStoreUnavailable,
-    StoreConfig,
 )
 from lodestar.orchestrator.state_store.redis_keys import BatchKeys
 from lodestar.orchestrator.state_store.redis_store import RedisStateStore, RedisStoreConfig
 from lodestar.services.local_redis import LocalRedis
 from tests.redis_server import new_redis_server
-from tests.test_state_store import Backend, redis_config, spec
+from tests.store_backends import Backend
+from tests.test_state_store import redis_config, spec
 
 SETTINGS = {"algorithm": "pf", "params": {"n_particles": 4}, "tags": ["gsm8k", 2]}
 ZERO = {"succeeded": 0, "failed": 0, "cancelled": 0}
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "memory":
-        return Backend("memory", lambda **s: MemoryStateStore(StoreConfig(**s)))
-    server: LocalRedis = request.getfixturevalue("redis_server")
-    with redis.Redis.from_url(server.url) as client:
-        client.flushall()
-    return Backend("redis", lambda **s: RedisStateStore(RedisStoreConfig(url=server.url, **s)))
 
 
 def items(batch_id: str, n: int, **overrides: Any) -> list[JobSpec]:

@@ -10,7 +10,6 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -28,7 +27,6 @@ from lodestar.orchestrator.state_store import (
     StaleWriter,
     StateStore,
     StateStoreUnavailable,
-    StoreConfig,
     StreamClosed,
     open_state_store,
 )
@@ -40,31 +38,7 @@ from lodestar.orchestrator.state_store.redis_store import (
 )
 from lodestar.services.local_redis import LocalRedis, RedisServerMissing
 from tests.redis_server import new_redis_server
-
-Body = Callable[[StateStore], Awaitable[None]]
-
-
-@dataclass
-class Backend:
-    name: str
-    open: Callable[..., StateStore]
-
-    def run(self, body: Body, **settings: Any) -> None:
-        async def main() -> None:
-            async with self.open(**settings) as store:
-                await body(store)
-
-        asyncio.run(main())
-
-
-@pytest.fixture(params=["memory", "redis"])
-def backend(request: pytest.FixtureRequest) -> Backend:
-    if request.param == "memory":
-        return Backend("memory", lambda **s: MemoryStateStore(StoreConfig(**s)))
-    server: LocalRedis = request.getfixturevalue("redis_server")
-    with redis.Redis.from_url(server.url) as client:
-        client.flushall()
-    return Backend("redis", lambda **s: RedisStateStore(RedisStoreConfig(url=server.url, **s)))
+from tests.store_backends import Backend
 
 
 def spec(search_id: str, **overrides: Any) -> JobSpec:
