@@ -382,11 +382,13 @@ class Orchestrator:
             try:
                 await self.store.renew_lease(sid, self.owner, self.config.lease_s)
             except LeaseLost:
-                if sid in self._running:  # not merely finished since the snapshot
-                    log.warning(
-                        "search %s: lease lost, stopping here", sid, extra={"search_id": sid}
-                    )
-                    self._lost.add(sid)
+                if sid not in self._running:  # finished since the snapshot
+                    continue
+                record = await self.store.get_job(sid)
+                if record is not None and record.status.finished:
+                    continue  # this task just finished it and has not yet left _running
+                log.warning("search %s: lease lost, stopping here", sid, extra={"search_id": sid})
+                self._lost.add(sid)
 
     async def _claim_orphans(self) -> None:
         free = self.config.max_live - len(self._tasks)

@@ -31,6 +31,8 @@ class ServeConfig:
     orchestrator: OrchestratorConfig = field(default_factory=OrchestratorConfig)
     store_url: str = "memory://"
     """memory:// (one process, nothing survives) or redis://host:port/db."""
+    store_password: str | None = None
+    """Redis password when the url has none (from LODESTAR_REDIS_PASSWORD, a Secret on k8s)."""
     ray_address: str = "local"
     """"local" starts a private Ray; "auto" or "ray://host:10001" joins a cluster."""
     metrics_port: int | None = None
@@ -45,7 +47,8 @@ async def runtime(config: ServeConfig) -> AsyncIterator[tuple[Orchestrator, RayW
 
     if not ray.is_initialized():
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
-    store = open_state_store(config.store_url)
+    settings = {"password": config.store_password} if config.store_password else {}
+    store = open_state_store(config.store_url, **settings)
     try:
         await store.ping()
         pool = RayWorkerPool(config.pool)

@@ -88,12 +88,18 @@ def finished_lines(path: Path) -> set[int]:
     return done
 
 
-def open_output(path: Path) -> TextIO:
-    """Append mode; a torn last line (a killed writer) is cut off first."""
+def cut_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a writer killed mid-line) off a JSONL file, so it reads cleanly and
+    appends start on a fresh line."""
     if path.exists():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
             path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def open_output(path: Path) -> TextIO:
+    """Append mode, a torn last line cut off first."""
+    cut_torn_tail(path)
     return path.open("a", encoding="utf-8")
 
 

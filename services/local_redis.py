@@ -37,18 +37,19 @@ def answers_ping(port: int, timeout_s: float = 0.2) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
             s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # up, password or not
     except OSError:
         return False
 
 
 class LocalRedis:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisServerMissing()
         self.binary = binary
         self.port = port or free_port()
+        self.password = password
         self._dir = tempfile.TemporaryDirectory(prefix="lodestar-redis-")
         self._log = Path(self._dir.name) / "redis.log"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -63,6 +64,8 @@ class LocalRedis:
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--save", "", "--appendonly", "no", "--dir", self._dir.name]
         args += ["--logfile", str(self._log)]
+        if self.password:
+            args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
         while not answers_ping(self.port):

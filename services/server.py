@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 """Reachable without a token: probes and tooling must work on a locked-down server."""
+RECONCILE_AFTER_S = 5.0
+"""A batch stream that has waited this long with nothing arriving recounts the batch."""
+LIVENESS = "liveness"
+"""Health name that is SERVING while the process answers, models loaded or not: a Kubernetes
+liveness probe must not restart a server that is still loading its models (readiness, the
+overall "" status, waits for them)."""
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,10 @@ class SearchService(pb_grpc.SearchServiceServicer):
                 raise ParamError("after", "must be >= 0")
             keys = batch.settings.get("keys", [])
             after = request.after
+            # A server killed between finishing a job and counting it in its batch leaves the
+            # item uncounted for good; while the stream waits with nothing arriving, recount
+            # from the jobs now and then (backing off: it reads every pending job).
+            quiet_for, quiet_since = RECONCILE_AFTER_S, time.monotonic()
             while not (batch.done and after >= batch.finished):
                 results = await self.store.read_batch_results(batch_id, after, wait_s=1.0)
                 for item in results:
@@ -190,7 +201,12 @@ class SearchService(pb_grpc.SearchServiceServicer):
                         offset=item.offset, index=item.index, key=key, status=status_to_wire(job)
                     )
                     after = item.offset
-                if not results:
+                if results:
+                    quiet_for, quiet_since = RECONCILE_AFTER_S, time.monotonic()
+                elif time.monotonic() - quiet_since >= quiet_for:
+                    batch = await self.store.reconcile_batch(batch_id)
+                    quiet_for, quiet_since = min(2 * quiet_for, 60.0), time.monotonic()
+                else:
                     batch = await self.store.get_batch(batch_id) or batch
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -361,6 +377,7 @@ class LodestarServer:
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self.server.start()
         return self.port
 
@@ -369,6 +386,7 @@ class LodestarServer:
 
     async def stop(self) -> None:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.stop(self.config.grace_s)
 
     async def _set_health(self, status: int) -> None:

@@ -16,10 +16,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
-from lodestar.orchestrator.state_store import JobStatus, StateStore, open_state_store
+from lodestar.orchestrator.state_store import JobSpec, JobStatus, StateStore, open_state_store
 from lodestar.services.logs import JsonFormatter
 from lodestar.services.metrics import Metrics
-from lodestar.services.server import SERVICE, LodestarServer, ServerConfig
+from lodestar.services.server import LIVENESS, SERVICE, LodestarServer, ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
 from tests.runtime_parts import Paced, shipped_workers
@@ -311,21 +311,25 @@ def test_bearer_token_guards_the_service_but_not_health_or_reflection(models) ->
 def test_health_goes_serving_when_ready_and_not_serving_on_stop(models) -> None:
     async def client(stub, channel, server) -> list[int]:
         health = health_pb2_grpc.HealthStub(channel)
-        seen = []
-        for service in ("", SERVICE):
+
+        async def check(service: str) -> int:
             reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            seen.append(reply.status)
+            return reply.status
+
+        seen = [await check(""), await check(SERVICE), await check(LIVENESS)]
         await server.set_serving()
-        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
-        seen.append(reply.status)
+        seen += [await check(""), await check(LIVENESS)]
         await server.stop()
-        reply = await server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), None)
-        seen.append(reply.status)
+        for service in (SERVICE, LIVENESS):
+            reply = await server.health.Check(health_pb2.HealthCheckRequest(service=service), None)
+            seen.append(reply.status)
         return seen
 
     S = health_pb2.HealthCheckResponse
     seen = serve(models, client, serving=False)
-    assert seen == [S.NOT_SERVING, S.NOT_SERVING, S.SERVING, S.NOT_SERVING]
+    # Readiness ("" and the service) waits for the models; liveness is up from the start.
+    assert seen[:5] == [S.NOT_SERVING, S.NOT_SERVING, S.SERVING, S.SERVING, S.SERVING]
+    assert seen[5:] == [S.NOT_SERVING, S.NOT_SERVING]
 
 
 def test_reflection_lists_the_service(models) -> None:
@@ -433,6 +437,41 @@ def test_batch_round_trip_with_resumable_results(models) -> None:
     assert [r.offset for r in tail] == [4, 5] and tail == items[3:]
     item3 = next(r for r in items if r.index == 3)  # seed 5 + 3, the same search run alone
     assert item3.status.result.answer == alone.answer
+
+
+def test_a_batch_item_finished_but_never_counted_still_reaches_the_stream(
+    models, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server killed between finishing a job and counting it in its batch: the stream waits,
+    recounts the batch from the jobs, and delivers the item instead of waiting forever."""
+    import lodestar.services.server as server_module
+
+    monkeypatch.setattr(server_module, "RECONCILE_AFTER_S", 0.5)
+    specs = [
+        JobSpec(f"lost.{i}", "greedy", {}, p, 0, batch_id="lost", batch_index=i)
+        for i, p in enumerate(["1+2", "3*4"])
+    ]
+
+    async def client(stub, channel, server) -> list[Any]:
+        store = server.service.store
+        await store.create_batch("lost", {"keys": ["a", "b"]}, specs)
+        for spec in specs:
+            await store.claim_job(spec.search_id, "dead-server", 30)
+        await store.update_job("lost.0", status=JobStatus.FAILED, error="boom")
+        await store._update_job_only("lost.1", status=JobStatus.FAILED, error="boom")
+        assert (await store.get_batch("lost")).finished == 1  # the crash window
+        stream = stub.StreamBatchResults(pb.StreamBatchResultsRequest(batch_id="lost"))
+        items = await asyncio.wait_for(_collect(stream), 20)
+        return [items, await stub.GetBatch(pb.GetBatchRequest(batch_id="lost"))]
+
+    items, batch = serve(models, client, orchestrator={"resume_orphans": False})
+    assert sorted((r.index, r.key) for r in items) == [(0, "a"), (1, "b")]
+    assert all(r.status.state == pb.SEARCH_STATE_FAILED for r in items)
+    assert batch.done and batch.failed == 2
+
+
+async def _collect(stream: Any) -> list[Any]:
+    return [r async for r in stream]
 
 
 def test_bad_batches_get_their_status_codes(models) -> None:

@@ -175,3 +175,30 @@ def test_an_orphaned_search_resumes_from_its_checkpoint_with_the_same_result(mod
         assert record.status is JobStatus.SUCCEEDED and record.owner == b_owner
         progress = [e["generation"] for e in log[:-1]]
         assert generation >= 1 and progress == list(range(1, len(progress) + 1))
+
+
+def test_lease_renewal_ignores_a_search_that_just_finished_but_stops_a_taken_one(
+    models, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A search is marked finished in the store a moment before its task leaves the running set;
+    a renewal in that window must not report a lost lease. A job another owner claimed must."""
+    done, taken = problem_specs(2, "renew", params={"n": 2})
+
+    async def main() -> set[str]:
+        store = MemoryStateStore()
+        config = OrchestratorConfig(lease_s=0.2, scan_interval_s=0.1)
+        orch = Orchestrator(store, LocalWorkers(*models), config)
+        for spec in (done, taken):
+            await store.create_job(spec)
+            await store.claim_job(spec.search_id, orch.owner, 0.2)
+            orch._running.add(spec.search_id)
+        await store.update_job(done.search_id, status=JobStatus.SUCCEEDED, result="{}")
+        await asyncio.sleep(0.3)  # the other job's lease lapses; someone else takes it
+        assert await store.claim_job(taken.search_id, "orch-other", 30) is not None
+        await orch._renew_leases()
+        return orch._lost
+
+    with caplog.at_level("WARNING", logger="lodestar.orchestrator.driver"):
+        lost = asyncio.run(main())
+    assert lost == {"renew-1"}
+    assert [r.getMessage() for r in caplog.records] == ["search renew-1: lease lost, stopping here"]

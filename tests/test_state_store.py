@@ -398,6 +398,25 @@ def test_redis_index_drops_only_old_dangling_ids(redis_server: LocalRedis) -> No
         assert sorted(client.zrange(index, 0, -1)) == [b"real", b"young"]
 
 
+def test_redis_password_comes_from_config_not_the_url() -> None:
+    """The Helm chart passes the password from a Secret (LODESTAR_REDIS_PASSWORD), not a URL."""
+
+    async def main(server: LocalRedis) -> None:
+        async with RedisStateStore(redis_config(server, password="s3cret")) as store:
+            await store.create_job(spec("p"))
+            assert (await store.get_job("p")).search_id == "p"
+        async with RedisStateStore(redis_config(server)) as anonymous:
+            with pytest.raises(StateStoreUnavailable, match=r"(?i)auth"):
+                await anonymous.get_job("p")
+
+    server = LocalRedis(password="s3cret")
+    server.start()
+    try:
+        asyncio.run(main(server))
+    finally:
+        server.close()
+
+
 def test_redis_outage_raises_unavailable_quickly_and_the_same_store_recovers() -> None:
     calls: dict[str, Callable[[StateStore], Awaitable[object]]] = {
         "ping": lambda s: s.ping(),

@@ -93,6 +93,8 @@ class RedisStoreConfig(StoreConfig):
     """With the defaults a refused connection fails at once and a hung server in about 1 s."""
 
     url: str = "redis://127.0.0.1:6379/0"
+    password: str | None = None
+    """Used when the url carries none: keeps the secret out of URLs, argv and logs."""
     key_prefix: str = "lodestar"
     max_connections: int = 64
     max_stream_readers: int = 64
@@ -137,6 +139,7 @@ class RedisStateStore(StateStore):
         c = self.config
         return BlockingConnectionPool.from_url(
             c.url,
+            password=c.password,
             max_connections=size,
             timeout=c.pool_timeout_s,
             socket_timeout=c.socket_timeout_s,
