@@ -97,7 +97,7 @@ def test_f_is_g_plus_one_minus_score_and_ties_pop_first_in_first_out():
         while not ASTAR.is_done(state):
             state = _advance(state, world)
             for e in state.open:
-                assert e.f == e.g + 1.0 - e.node.score
+                assert e.f == e.g + 1.0 - (e.node.score or 0.0)  # the root (reopened): f = 1
     state = _init("task-0", 0)
     state.open.clear()
     for i in range(6):
@@ -157,9 +157,10 @@ def test_a_heavy_depth_cost_turns_best_first_into_breadth_first():
 
 
 def test_a_policy_that_repeats_itself_expands_each_state_once():
-    """With p_err = 0 every sample of a step is the same text: k samples give one new state."""
+    """With p_err = 0 every sample of a step is the same text: k samples give one new state (and
+    with max_expansions 1 nothing is reopened)."""
     world = ScriptedWorld(p_err=0.0, length=3)
-    state = _init("task-1", 5, k=4)
+    state = _init("task-1", 5, k=4, max_expansions=1)
     while not ASTAR.is_done(state):
         state = _advance(state, world)
     assert [x.depth for x in state.expansions] == [0, 1, 2, 3]

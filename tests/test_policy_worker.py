@@ -51,6 +51,11 @@ def req(
     return ExtendRequest(seq_id, parent_id, prompt, steps, seed, sampling, **kw)  # type: ignore[arg-type]
 
 
+def prefix_len(w: PolicyWorker, request: ExtendRequest) -> int:
+    """Tokens of the request's whole prefix: what a worker encodes when nothing is cached."""
+    return len(w.tokenize([w.prefix_text(request)])[0])
+
+
 def child(parent: ExtendRequest, out: StepOutput, seq_id: str, seed: int) -> ExtendRequest:
     """The next step of `parent`'s sequence: its steps plus the step it just produced."""
     return req(seq_id, out.seq_id, (*parent.steps, out.text), seed, str(parent.prompt))
@@ -80,9 +85,7 @@ def test_cached_forks_and_mixed_batches_match_full_recompute(model_dirs, arch):
     roots = [req("a", seed=1), req("b", seed=2, prompt="7*(8-1)="), req("c", seed=3, prompt="9")]
     first = w.extend(roots)
     assert_matches_recompute(w, roots, first)
-    assert [o.prompt_tokens for o in first] == [
-        len(w.tokenize([w.prefix_text(r)])[0]) for r in roots
-    ]
+    assert [o.prompt_tokens for o in first] == [prefix_len(w, r) for r in roots]
 
     # One batch: two children forked from "a", one from "b", one whose parent was never held,
     # one naming "c" with different steps (held, but not a prefix: a mismatch).
@@ -105,6 +108,32 @@ def test_cached_forks_and_mixed_batches_match_full_recompute(model_dirs, arch):
     for o, f in zip(outs, fresh.extend(kids), strict=True):
         assert (o.token_ids, o.text, o.stop_reason) == (f.token_ids, f.text, f.stop_reason)
         assert o.logprob == pytest.approx(f.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_particles_of_one_prompt_encode_it_once_and_stay_exact(model_dirs, arch):
+    """Four particles of one prompt (plus a different prompt and a cached child in the same
+    batch): the shared prefix is encoded once, and every row samples what it samples alone."""
+    w, fresh = worker(model_dirs, arch), worker(model_dirs, arch, cache_tokens=0)
+    (root_out,) = w.extend([req("root", seed=1, prompt="9")])
+    fresh.extend([req("root", seed=1, prompt="9")])
+    batch = [req(f"p{i}", seed=40 + i, prompt="(1+2)*(3+4)=") for i in range(4)]
+    batch += [req("other", seed=7, prompt="5-3="), child(req("root", prompt="9"), root_out, "k", 8)]
+    passes = (w.stats()["forward_passes"], fresh.stats()["forward_passes"])
+    encoded = fresh.stats()["prompt_tokens"]
+    outs = w.extend(batch)
+    assert_matches_recompute(w, batch, outs)
+    for o, f in zip(outs, fresh.extend(batch), strict=True):
+        assert (o.token_ids, o.text, o.stop_reason) == (f.token_ids, f.text, f.stop_reason)
+        assert o.logprob == pytest.approx(f.logprob, abs=1e-4)
+    length, other = prefix_len(w, batch[0]), prefix_len(w, batch[4])
+    assert [o.prompt_tokens for o in outs] == [length, 1, 1, 1, other, 0]
+    assert fresh.stats()["prompt_tokens"] - encoded == 4 * length + other + prefix_len(
+        fresh, batch[5]
+    )
+    # One extra forward (the shared prefix) on top of the same sampling loop.
+    w_passes = w.stats()["forward_passes"] - passes[0]
+    assert w_passes == fresh.stats()["forward_passes"] - passes[1] + 1
 
 
 def test_grandchildren_of_a_fork_stay_exact(model_dirs):
@@ -182,8 +211,9 @@ def test_steps_stop_at_delimiter_eos_or_length_and_finished_rows_leave_the_batch
             assert o.text == w.tokenizer.decode(list(o.token_ids))
         else:
             assert o.num_tokens == len(o.token_ids) == 12 and "\n" not in o.text
-    assert batch_sizes[0] == 24 and batch_sizes == sorted(batch_sizes, reverse=True)
-    assert batch_sizes[-1] < 24
+    shared, *loop = batch_sizes  # the 24 rows' common prompt is encoded once, then sampling
+    assert shared == 1 and loop[0] == 24 and loop == sorted(loop, reverse=True)
+    assert loop[-1] < 24
 
     capped = w.extend([req(f"m{i}", seed=i, max_new_tokens=3) for i in range(8)])
     assert all(o.num_tokens <= 3 for o in capped)
@@ -334,7 +364,7 @@ def test_evicted_or_released_parent_recomputes_the_same_step(model_dirs):
     w.release(["k0"])
     grandkid = child(kids[0], kid_outs[0], "gk", seed=7)
     (miss,) = w.extend([grandkid])
-    assert miss.prompt_tokens == len(w.tokenize([w.prefix_text(grandkid)])[0])
+    assert miss.prompt_tokens == prefix_len(w, grandkid)
     big = PolicyWorker(w.model, w.tokenizer)
     big.extend([roots[0]])
     big.extend([kids[0]])

@@ -66,6 +66,22 @@ def pack_batch(
     return cache, input_ids, mask, pos
 
 
+def row_entry(
+    token_ids: Sequence[int],
+    cache: DynamicCache,
+    mask: torch.Tensor,
+    j: int,
+    steps: Sequence[str] = (),
+    scores: Sequence[float] = (),
+) -> CachedSequence:
+    """Batch row j's cache (its unpadded positions, copied) as an entry; `mask` is the batch's
+    [b, S] attention mask, `steps`/`scores` go beside the tensors."""
+    valid = mask[j].bool()  # [S]: this row's real positions in the batch cache
+    keys = tuple(layer.keys[j][:, valid] for layer in cache.layers)  # [kv_heads, n, head_dim]
+    values = tuple(layer.values[j][:, valid] for layer in cache.layers)
+    return CachedSequence(tuple(token_ids), keys, values, tuple(steps), tuple(scores))
+
+
 def save_row(
     store: KVCacheStore,
     seq_id: str,
@@ -76,14 +92,7 @@ def save_row(
     steps: Sequence[str] = (),
     scores: Sequence[float] = (),
 ) -> None:
-    """Hold batch row j's cache (its unpadded positions, copied) under `seq_id` in `store`.
-
-    `mask` is the batch's [b, S] attention mask; `steps`/`scores` go beside the tensors.
-    """
+    """Hold batch row j's cache under `seq_id` in `store` (nothing when the store is off)."""
     if store.capacity_tokens == 0:
         return
-    valid = mask[j].bool()  # [S]: this row's real positions in the batch cache
-    keys = tuple(layer.keys[j][:, valid] for layer in cache.layers)  # [kv_heads, n, head_dim]
-    values = tuple(layer.values[j][:, valid] for layer in cache.layers)
-    entry = CachedSequence(tuple(token_ids), keys, values, tuple(steps), tuple(scores))
-    store.put(seq_id, entry)
+    store.put(seq_id, row_entry(token_ids, cache, mask, j, steps, scores))

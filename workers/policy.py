@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from lodestar.workers.batch_cache import check_full_attention, pack_batch, save_row
+from lodestar.workers.batch_cache import check_full_attention, pack_batch, row_entry, save_row
 from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
 from lodestar.workers.loading import load_model
 from lodestar.workers.messages import ExtendRequest, Prompt, StepOutput, StopReason
@@ -182,6 +182,7 @@ class PolicyWorker:
             feeds.append(ids[c:])
             # New prefix text only: re-feeding the parent's own sampled token is generation work.
             prompt_tokens.append(len(ids) - (0 if entry is None else len(entry.token_ids)))
+        self._share_prefixes(prefixes, parents, cached, feeds, prompt_tokens)
         self.prompt_tokens += sum(prompt_tokens)
         # cache [B, kv_heads, P, head_dim], input_ids [B, F], mask [B, P + F], pos [B, F]
         cache, input_ids, mask, pos = pack_batch(
@@ -247,6 +248,41 @@ class PolicyWorker:
                 )
             )
         return outputs
+
+    def _share_prefixes(
+        self,
+        prefixes: list[list[int]],
+        parents: list[CachedSequence | None],
+        cached: list[int],
+        feeds: list[list[int]],
+        prompt_tokens: list[int],
+    ) -> None:
+        """Rows with nothing cached that would encode the same whole prefix (the n particles of
+        one prompt at their first step, siblings whose parent was evicted) encode it once: one
+        forward over each such prefix but its last token, then every row of the group starts
+        from that cache and feeds the last token. The first row is charged the shared tokens.
+        Off with the cache (`cache_tokens=0` means never reuse)."""
+        if self.cache.capacity_tokens == 0:
+            return
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (entry, ids) in enumerate(zip(parents, prefixes, strict=True)):
+            if entry is None and len(ids) > 1:
+                groups.setdefault(tuple(ids), []).append(i)
+        shared = [(key, rows) for key, rows in groups.items() if len(rows) > 1]
+        if not shared:
+            return
+        heads = [list(key[:-1]) for key, _ in shared]
+        none: list[CachedSequence | None] = [None] * len(heads)
+        config, dev = self.model.config, self.device
+        cache, input_ids, mask, pos = pack_batch(
+            none, [0] * len(heads), heads, self.pad_id, config, dev
+        )
+        self._forward(input_ids, mask, pos, cache)
+        for u, (key, rows) in enumerate(shared):
+            entry = row_entry(key[:-1], cache, mask, u)
+            for n, i in enumerate(rows):
+                parents[i], cached[i], feeds[i] = entry, len(key) - 1, [key[-1]]
+                prompt_tokens[i] = len(key) if n == 0 else 1
 
     def _advance(
         self, request: ExtendRequest, generated: list[int], token: int, cap: int

@@ -54,10 +54,12 @@ class AStarParams(ScoredParams):
     """Finished solutions wanted: the budget."""
     k: int = Field(4, ge=1, le=64)
     """Candidate next steps sampled per expanded state."""
-    max_expansions: int = Field(1, ge=1, le=64)
+    max_expansions: int = Field(4, ge=1, le=64)
     """Times one state may be expanded. Above 1, a state some of whose k samples duplicated
     states already seen is reopened (same f) and sampled again with fresh seeds: a low-entropy
-    policy otherwise exhausts the open set before n distinct solutions exist."""
+    policy otherwise exhausts the open set before n distinct solutions exist. Measured with the
+    shipped policy and the verifier (200 problems, n = 8, docs/search-accuracy.md): 1, 2, 4 give
+    +6.5, +9.5, +13.0 points over greedy at 112, 218, 418 tokens (PF-8: +15.5 at 204)."""
     batch_width: int | None = Field(None, ge=1, le=4096)
     """States expanded per step (B); None: the free solution slots, n - finished (at least 1)."""
     step_cost: StepCost = "zero"
