@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.stats import bootstrap_interval, paired_difference_interval
+from lodestar.evaluation.stats import bootstrap_interval, paired_difference_interval
 from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
 from lodestar.tasks.arithmetic import Difficulty, generate_problems, is_correct
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward

@@ -43,6 +43,10 @@ RedisOpt = Annotated[
     str | None,
     typer.Option(envvar="LODESTAR_REDIS_URL", help="redis://host:port/db (default: memory)."),
 ]
+RedisPasswordOpt = Annotated[
+    str | None,
+    typer.Option(envvar="LODESTAR_REDIS_PASSWORD", help="Redis password (when the URL has none)."),
+]
 AddressOpt = Annotated[str, typer.Option(help="Server address.")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")]
 PolicyWorkersOpt = Annotated[int, typer.Option(help="Policy actors.")]
@@ -149,6 +153,7 @@ def serve(
     reward: RewardOpt = "verifier",
     prm_family: PrmFamilyOpt = None,
     redis: RedisOpt = None,
+    redis_password: RedisPasswordOpt = None,
     ray_address: Annotated[
         str, typer.Option(help='"local" starts a private Ray; "auto" / ray://... joins one.')
     ] = "local",
@@ -195,6 +200,7 @@ def serve(
         address=f"{host}:{port}",
         auth_token=auth_token,
         metrics_port=metrics_port,
+        redis_password=redis_password,
     )
     asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 
@@ -215,6 +221,7 @@ def _runtime_config(
     address: str = "127.0.0.1:0",
     auth_token: str | None = None,
     metrics_port: int | None = None,
+    redis_password: str | None = None,
 ) -> Any:
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
@@ -246,6 +253,7 @@ def _runtime_config(
             scan_interval_s=min(1.0, lease_s / 3),
         ),
         store_url=redis or "memory://",
+        store_password=redis_password,
         ray_address=ray_address,
         metrics_port=metrics_port,
     )
@@ -327,6 +335,7 @@ def batch_run(
     reward: RewardOpt = "verifier",
     prm_family: PrmFamilyOpt = None,
     redis: RedisOpt = None,
+    redis_password: RedisPasswordOpt = None,
     ray_address: Annotated[
         str, typer.Option(help='"local" starts a private Ray; "auto" joins the job\'s cluster.')
     ] = "local",
@@ -354,6 +363,7 @@ def batch_run(
         max_live,
         1024,
         15.0,
+        redis_password=redis_password,
     )
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
@@ -362,6 +372,150 @@ def batch_run(
         return drive_batch_file(stub, None, job, console)
 
     raise typer.Exit(asyncio.run(run_batch(config, drive)))
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        message = f"comma-separated integers, got {text!r}"
+        raise typer.BadParameter(message, param_hint=option) from None
+    if not values or min(values) < 0:
+        message = f"comma-separated integers >= 0, got {text!r}"
+        raise typer.BadParameter(message, param_hint=option)
+    return values
+
+
+ALL_ALGORITHMS = "greedy,best_of_n,weighted_best_of_n,self_consistency,beam,dvts,pf,epf,astar"
+
+
+@app.command("eval")
+def eval_(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Results folder (resumable).")],
+    algorithms: Annotated[
+        str, typer.Option(help="Comma-separated algorithms (each a matrix row).")
+    ] = ALL_ALGORITHMS,
+    variant: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--variant",
+            "-V",
+            help="Extra row LABEL=ALGORITHM:key=value,... e.g. astar-r=astar:step_cost=regret.",
+        ),
+    ] = None,
+    budgets: Annotated[str, typer.Option(help="Comma-separated budgets.")] = "1,2,4,8,16,32",
+    problems: Annotated[
+        int, typer.Option(help="Problems per difficulty (synthetic) or first N lines (JSONL).")
+    ] = 20,
+    seeds: Annotated[int, typer.Option(help="Seeds per problem (0..S-1).")] = 1,
+    dataset: Annotated[
+        str, typer.Option(help='"synthetic" or a JSONL file of {"problem", "answer"}.')
+    ] = "synthetic",
+    ops: Annotated[str, typer.Option(help="Synthetic difficulties: operations per problem.")] = (
+        "2,3,4"
+    ),
+    policy: PolicyOpt = None,
+    reward: RewardOpt = "verifier",
+    prm_family: PrmFamilyOpt = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    runtime: Annotated[
+        str, typer.Option(help='"local" (in-process workers) or "ray" (actors on a local Ray).')
+    ] = "local",
+    max_live: MaxLiveOpt = 32,
+    threads: ThreadsOpt = None,
+    max_tokens: MaxTokensOpt = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Also write the findings report here (docs/results.md).")
+    ] = None,
+) -> None:
+    """Accuracy against compute: every algorithm x budget x seed x problem, through the
+    orchestrator the service uses; summary table, plots and findings. Re-run to resume."""
+    from lodestar.evaluation.datasets import DatasetError
+    from lodestar.evaluation.matrix import Matrix, Variant
+    from lodestar.evaluation.report import ManifestMismatch
+    from lodestar.evaluation.runner import EvalOptions, evaluate
+    from lodestar.orchestrator.algorithms.registry import ParamError
+    from lodestar.workers.factory import ModelConfig
+
+    if runtime not in ("local", "ray"):
+        raise typer.BadParameter('"local" or "ray"', param_hint="--runtime")
+    try:
+        rows = [Variant.parse(a) for a in algorithms.split(",") if a.strip()]
+        rows += [Variant.parse(v) for v in variant or []]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--variant") from None
+    matrix = Matrix(
+        tuple(rows),
+        _int_list(budgets, "--budgets"),
+        tuple(range(seeds)),
+        max_tokens,
+    )
+    options = EvalOptions(
+        matrix=matrix,
+        out_dir=output,
+        dataset=dataset,
+        problems=problems,
+        ops=_int_list(ops, "--ops"),
+        models=ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device),
+        runtime=runtime,  # type: ignore[arg-type]
+        max_live=max_live,
+        threads=threads,
+        report=report,
+    )
+    try:
+        evaluate(options, console)
+    except (ParamError, DatasetError, ManifestMismatch) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def bench(
+    problems: Annotated[int, typer.Option(help="Searches per measured run.")] = 32,
+    particles: Annotated[int, typer.Option(help="PF particles per search.")] = 16,
+    steps: Annotated[str, typer.Option(help="Solution lengths for the PRM row.")] = "5,10,20",
+    concurrency: Annotated[str, typer.Option(help="Live searches to compare.")] = "1,8,32",
+    repeats: Annotated[int, typer.Option(help="Alternating rounds; medians reported.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads per worker.")] = 1,
+    ops: Annotated[int, typer.Option(help="Operations per arithmetic problem.")] = 3,
+    policy: PolicyOpt = None,
+    reward: Annotated[
+        str, typer.Option(help='"prm" (the shipped PRM), "verifier", or a PRM directory.')
+    ] = "prm",
+    prm_family: PrmFamilyOpt = None,
+    redis: Annotated[
+        str | None, typer.Option(help="redis://... for the service row (default: a private one).")
+    ] = None,
+    quick: Annotated[bool, typer.Option(help="Tiny sizes: a smoke run of every row.")] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows here.")] = (
+        None
+    ),
+) -> None:
+    """Systems figures, each a ratio measured side by side in one run: orchestration overhead,
+    KV reuse, incremental PRM scoring, in-process vs the service, cross-search batching, and an
+    its_hub-style access pattern."""
+    from lodestar.evaluation.systems import BenchOptions, rows_json, run_bench
+
+    try:
+        options = BenchOptions(
+            problems=problems,
+            particles=particles,
+            steps=_int_list(steps, "--steps"),
+            concurrency=_int_list(concurrency, "--concurrency"),
+            repeats=repeats,
+            threads=threads,
+            redis_url=redis,
+            policy=policy,
+            reward=reward,
+            prm_family=prm_family,
+            ops=ops,
+            quick=quick,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    rows = run_bench(options, console)
+    if json_path is not None:
+        json_path.write_text(rows_json(rows))
 
 
 @batch_app.command("status")

@@ -1,0 +1,2 @@
+"""Evaluation: accuracy-vs-compute matrices (`lodestar eval`) and systems measurements
+(`lodestar bench`)."""
