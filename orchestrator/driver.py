@@ -116,7 +116,8 @@ def _start(spec: JobSpec) -> tuple[SearchAlgorithm[Any, Any], Any]:
     )
 
 
-def _being_cancelled() -> bool:
+def being_cancelled() -> bool:
+    """True while the current task has a cancel pending (one an except clause may have eaten)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
 
@@ -289,7 +290,7 @@ class Orchestrator:
         cancelled = False  # checked above; then the flag comes back with each step's write
         try:
             while not algorithm.is_done(state):
-                if _being_cancelled():  # see _maintain
+                if being_cancelled():  # see _maintain
                     raise asyncio.CancelledError
                 if sid in self._lost:
                     raise LeaseLost(f"search {sid!r} was claimed by another orchestrator")
@@ -369,7 +370,7 @@ class Orchestrator:
                     await self._claim_orphans()
             except StateStoreUnavailable as e:
                 log.warning("orchestrator %s: %s", self.owner, e)
-            if _being_cancelled():  # redis-py can swallow a cancel (or make it an error)
+            if being_cancelled():  # redis-py can swallow a cancel (or make it an error)
                 raise asyncio.CancelledError
             # asyncio.timeout, not wait_for: in 3.11 a cancel racing wait_for's timeout turns into a
             # TimeoutError, which would be swallowed here and leave close() waiting forever.

@@ -22,7 +22,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from lodestar.orchestrator.batching import RequestBatcher, SearchScope, WorkersUnavailable
-from lodestar.workers.actors import ModelHost, Role
+from lodestar.workers.actors import CONTROL, ModelHost, Role
 from lodestar.workers.factory import ModelConfig
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
@@ -85,7 +85,7 @@ class RayWorkerPool:
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config = config or PoolConfig()
-        actor_cls = ray.remote(ModelHost).options(
+        actor_cls = ray.remote(concurrency_groups={CONTROL: 1})(ModelHost).options(
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
             max_restarts=config.max_restarts,

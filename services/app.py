@@ -1,8 +1,9 @@
 """`lodestar serve`: everything on one machine (or the front end of a cluster) in one process.
 
 Start order matters for probes: the gRPC port opens NOT_SERVING first, then the model actors
-load, then health turns SERVING. SIGINT/SIGTERM: health NOT_SERVING, in-flight calls get the
-grace period, unfinished jobs keep their checkpoints (another server resumes them from Redis).
+load, then health turns SERVING; from then on the watchdog keeps it following the workers.
+SIGINT/SIGTERM: health NOT_SERVING, in-flight calls get the grace period, unfinished jobs keep
+their checkpoints (another server resumes them from Redis).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lodestar.orchestrator.state_store import open_state_store
 from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
 from lodestar.services.metrics import Metrics
 from lodestar.services.server import LodestarServer, ServerConfig
+from lodestar.services.watchdog import WatchConfig, watch_workers
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,12 @@ class ServeConfig:
     """Redis password when the url has none (from LODESTAR_REDIS_PASSWORD, a Secret on k8s)."""
     ray_address: str = "local"
     """"local" starts a private Ray; "auto" or "ray://host:10001" joins a cluster."""
+    connect_attempts: int = 5
+    """Tries at joining a cluster before giving up (see `connect_ray`)."""
     metrics_port: int | None = None
     """Serve Prometheus metrics at http://0.0.0.0:<port>/metrics; None: off."""
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    """How health follows the workers once serving."""
 
 
 @contextlib.asynccontextmanager
@@ -46,7 +52,7 @@ async def runtime(config: ServeConfig) -> AsyncIterator[tuple[Orchestrator, RayW
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False)
+        await connect_ray(config.ray_address, config.connect_attempts)
     settings = {"password": config.store_password} if config.store_password else {}
     store = open_state_store(config.store_url, **settings)
     try:
@@ -63,6 +69,25 @@ async def runtime(config: ServeConfig) -> AsyncIterator[tuple[Orchestrator, RayW
         ray.shutdown()
 
 
+async def connect_ray(address: str, attempts: int, wait_s: float = 2.0) -> None:
+    """`ray.init`, retried on a connection failure when joining a cluster: on Kubernetes the
+    gateway starts beside the head, whose client server may not be up yet, and the head's Ray
+    client proxier sometimes fails to start the per-connection server (seen here on about 1
+    connection in 8, the child dying at fork; a new connection gets a new server)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+            return
+        except ConnectionError as e:
+            if address == "local" or attempt == attempts:
+                raise
+            log.warning("Ray at %s refused (%s); retry %d/%d", address, e, attempt, attempts - 1)
+            ray.shutdown()
+            await asyncio.sleep(wait_s * attempt)
+
+
 async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run until SIGINT/SIGTERM."""
     async with runtime(config) as (orchestrator, pool):
@@ -75,22 +100,26 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
         if config.metrics_port is not None:
             metrics.serve(config.metrics_port)
         server = LodestarServer(orchestrator, config.server)
-        poller = None
+        watchdog = None
         try:
             port = await server.start()
             host = config.server.address.rpartition(":")[0]
             announce(f"lodestar: listening on {host}:{port} (NOT_SERVING while models load)")
             infos = await pool.ready()
             await orchestrator.start()
-            poller = asyncio.create_task(metrics.poll_workers(pool))
             await server.set_serving()
+            watchdog = asyncio.create_task(
+                watch_workers(pool, server, config.watch, metrics.record_worker_stats)
+            )
             devices = ", ".join(sorted({i["device"] for i in infos}))
             announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
             await stop.wait()
             announce("lodestar: shutting down")
         finally:
-            if poller is not None:
-                poller.cancel()
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog  # gone before stop() sets health for the last time
             await server.stop()
 
 

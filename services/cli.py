@@ -176,10 +176,19 @@ def serve(
     log_format: Annotated[
         str, typer.Option(help='"text" or "json" (one object per line).')
     ] = "text",
+    dead_after_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Workers unreachable this long: the liveness health turns NOT_SERVING "
+            "(Kubernetes restarts the server). Readiness follows them within seconds.",
+        ),
+    ] = 120.0,
 ) -> None:
     """Serve the gRPC API: local Ray, model actors, the orchestrator and the state store."""
     from lodestar.services.app import serve as run
     from lodestar.services.logs import configure_logging
+    from lodestar.services.watchdog import WatchConfig
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter('"text" or "json"', param_hint="--log-format")
@@ -202,6 +211,7 @@ def serve(
         metrics_port=metrics_port,
         redis_password=redis_password,
     )
+    config = dataclasses.replace(config, watch=WatchConfig(dead_after_s=dead_after_s))
     asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 
 

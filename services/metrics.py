@@ -8,8 +8,6 @@ Metrics live in their own registry so several servers can share a process (tests
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -105,13 +103,6 @@ class Metrics:
                 self.cache_hits.labels(role=role).inc(max(0, stats["hits"] - hits0))
                 self.cache_misses.labels(role=role).inc(max(0, stats["misses"] - misses0))
                 self._seen[key] = (stats["hits"], stats["misses"])
-
-    async def poll_workers(self, pool: Any, interval_s: float = 10.0) -> None:
-        """Scrape the workers' counters every `interval_s` (run as a task)."""
-        while True:
-            with contextlib.suppress(Exception):
-                self.record_worker_stats(await pool.ready())
-            await asyncio.sleep(interval_s)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         """The /metrics endpoint, on its own thread."""

@@ -358,7 +358,8 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 
 class LodestarServer:
-    """The grpc.aio server: NOT_SERVING until `set_serving()` (workers ready), then SERVING."""
+    """The grpc.aio server: NOT_SERVING until `set_serving()` (workers ready), then SERVING while
+    the watchdog (services/watchdog.py) sees the workers answer."""
 
     def __init__(self, orchestrator: Orchestrator, config: ServerConfig | None = None) -> None:
         self.config = config = config or ServerConfig()
@@ -376,19 +377,23 @@ class LodestarServer:
         self.port = self.server.add_insecure_port(self.config.address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.address}")
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(False)
+        await self.set_live(True)
         await self.server.start()
         return self.port
 
-    async def set_serving(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+    async def set_serving(self, serving: bool = True) -> None:
+        """Readiness: SERVING routes traffic here (the workers answer)."""
+        S = health_pb2.HealthCheckResponse
+        for name in ("", SERVICE):
+            await self.health.set(name, S.SERVING if serving else S.NOT_SERVING)
+
+    async def set_live(self, live: bool) -> None:
+        """Liveness: NOT_SERVING asks Kubernetes to restart this process."""
+        S = health_pb2.HealthCheckResponse
+        await self.health.set(LIVENESS, S.SERVING if live else S.NOT_SERVING)
 
     async def stop(self) -> None:
-        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.set_serving(False)
+        await self.set_live(False)
         await self.server.stop(self.config.grace_s)
-
-    async def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE):
-            await self.health.set(name, status)

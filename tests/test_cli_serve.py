@@ -3,6 +3,7 @@ processes, real Ray, the shipped models, real gRPC connections."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from lodestar.services.local_redis import LocalRedis
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
@@ -134,3 +137,41 @@ def test_batch_run_solves_a_file_in_process_and_a_rerun_has_nothing_to_do(tmp_pa
     assert all(r["status"] == "succeeded" for r in results)
     again = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing to do: 20 results" in again.stdout
+
+
+def test_joining_a_cluster_retries_a_refused_connection_and_a_local_ray_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pure retry logic with `ray.init` scripted (the real refusal is a race in the head's client
+    proxier, hit at random by the Helm chart's end-to-end test, which then takes this path)."""
+    import ray
+
+    from lodestar.services.app import connect_ray
+
+    calls: list[str] = []
+    refusals = {"n": 0}
+
+    def init(address: str, **_: object) -> None:
+        calls.append(address)
+        if refusals["n"]:
+            refusals["n"] -= 1
+            raise ConnectionAbortedError("Initialization failure from server")
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+
+    refusals["n"] = 2
+    asyncio.run(connect_ray("ray://head:10001", attempts=3, wait_s=0))
+    assert calls == ["ray://head:10001", "shutdown"] * 2 + ["ray://head:10001"]
+
+    calls.clear()
+    refusals["n"] = 3
+    with pytest.raises(ConnectionAbortedError):
+        asyncio.run(connect_ray("ray://head:10001", attempts=3, wait_s=0))
+    assert calls.count("ray://head:10001") == 3
+
+    calls.clear()
+    refusals["n"] = 1
+    with pytest.raises(ConnectionAbortedError):
+        asyncio.run(connect_ray("local", attempts=3, wait_s=0))
+    assert calls == ["local"]

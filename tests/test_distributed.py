@@ -249,3 +249,70 @@ def test_a_worker_that_stays_dead_fails_its_searches_as_workers_unavailable(ray_
     for record in records:
         assert record.status is JobStatus.FAILED
         assert record.error.startswith("WorkersUnavailable: policy worker unavailable")
+
+
+def test_health_follows_the_workers_and_their_probe_never_waits_behind_a_batch(
+    ray_cluster,
+) -> None:
+    """A real server, real actors and a real gRPC health client: the watchdog's `info()` probe
+    answers while the actor runs a long batch (its own concurrency group), and once the only
+    actor is killed for good readiness turns NOT_SERVING at the next probe and liveness after
+    `dead_after_s` more."""
+    import grpc
+    import ray
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lodestar.services.server import LIVENESS, LodestarServer, ServerConfig
+    from lodestar.services.watchdog import WatchConfig, watch_workers
+    from lodestar.workers.messages import ExtendRequest
+
+    S = health_pb2.HealthCheckResponse
+    watch = WatchConfig(interval_s=0.2, timeout_s=2.0, dead_after_s=1.5)
+
+    async def status(stub: Any, name: str) -> int:
+        return (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+
+    async def turned(stub: Any, name: str, want: int, since: float) -> float:
+        while await status(stub, name) != want:
+            assert time.monotonic() - since < 20, f"{name!r} never turned {want}"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - since
+
+    async def main() -> tuple[bool, float, float, tuple[int, int]]:
+        pool = RayWorkerPool(PoolConfig(combined=True, threads=1, max_restarts=0))
+        try:
+            await pool.ready()
+            actor = pool.members[0].handle
+            batch = [ExtendRequest(f"busy-{i}", None, "(9+8)*7-6*5", (), i) for i in range(256)]
+            busy = actor.extend.remote(batch)
+            await actor.info.remote()
+            answered_while_busy = busy in ray.wait([busy], timeout=0)[1]
+            await busy
+            async with open_state_store("memory://") as store:
+                orchestrator = Orchestrator(store, pool)
+                server = LodestarServer(orchestrator, ServerConfig(address="127.0.0.1:0"))
+                port = await server.start()
+                await server.set_serving()
+                task = asyncio.create_task(watch_workers(pool, server, watch))
+                try:
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                        stub = health_pb2_grpc.HealthStub(channel)
+                        await asyncio.sleep(3 * watch.interval_s)  # healthy rounds
+                        before = (await status(stub, ""), await status(stub, LIVENESS))
+                        killed = time.monotonic()
+                        ray.kill(actor, no_restart=True)
+                        not_ready = await turned(stub, "", S.NOT_SERVING, killed)
+                        not_live = await turned(stub, LIVENESS, S.NOT_SERVING, killed)
+                finally:
+                    task.cancel()
+                    await server.stop()
+                    await orchestrator.close()
+            return answered_while_busy, not_ready, not_live, before
+        finally:
+            pool.shutdown()
+
+    answered_while_busy, not_ready, not_live, before = asyncio.run(main())
+    assert answered_while_busy
+    assert before == (S.SERVING, S.SERVING)
+    assert not_ready < watch.interval_s + 1.0  # the next probe: a dead actor fails at once
+    assert not_live >= not_ready + watch.dead_after_s - watch.interval_s

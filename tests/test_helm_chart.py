@@ -405,7 +405,7 @@ def test_rendered_gateway_and_batch_job_run_on_a_ray_cluster_started_like_kubera
             argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         lines = []
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240  # a refused Ray client connection costs ~40 s a retry
         while not any("SERVING on" in line for line in lines):
             line = server.stdout.readline() if server.stdout else ""
             assert line or server.poll() is None, "".join(lines)[-3000:]

@@ -16,12 +16,16 @@ import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import ray
 import torch
 
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
 Role = Literal["policy", "reward"]
+CONTROL = "control"
+"""Actor concurrency group for `info`: the health watchdog's probe never waits behind a batch
+(model calls stay one at a time in the default group)."""
 
 
 class ModelHost:
@@ -51,10 +55,10 @@ class ModelHost:
         """Drop one search's caches from every model held here; returns how many."""
         return sum(m.release_prefix(prefix) for m in (self.policy, self.reward) if m is not None)
 
+    @ray.method(concurrency_group=CONTROL)
     def info(self) -> dict[str, Any]:
-        """Where this actor runs and what it has done: for placement checks and monitoring."""
-        import ray
-
+        """Where this actor runs and what it has done: for placement checks and monitoring. Runs
+        on its own thread (the CONTROL group), so it answers while a model call is running."""
         stats = {role: getattr(self, role).stats() for role in self.roles}
         device = str(self.policy.device) if self.policy is not None else "cpu"
         return {
