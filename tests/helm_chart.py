@@ -156,3 +156,37 @@ def env_of(container: Doc, secrets: dict[tuple[str, str], str]) -> dict[str, str
             ref = var["valueFrom"]["secretKeyRef"]
             env[var["name"]] = secrets[(ref["name"], ref["key"])]
     return env
+
+
+def selects(selector: Doc, labels: dict[str, str]) -> bool:
+    """Kubernetes LabelSelector semantics: every matchLabels pair and every expression holds."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        present, value = e["key"] in labels, labels.get(e["key"])
+        held = {
+            "In": present and value in e.get("values", []),
+            "NotIn": not present or value not in e.get("values", []),
+            "Exists": present,
+            "DoesNotExist": not present,
+        }[e["operator"]]
+        if not held:
+            return False
+    return True
+
+
+def pod_labels(docs: list[Doc]) -> dict[str, dict[str, str]]:
+    """Component -> labels of every pod the release runs (Deployments, StatefulSets, Ray pods)."""
+    templates = [
+        template
+        for doc in docs
+        for template in (
+            [t for _, t in ray_pod_templates(doc)]
+            if doc["apiVersion"].startswith("ray.io/")
+            else [doc["spec"]["template"]]
+            if doc["kind"] in ("Deployment", "StatefulSet")
+            else []
+        )
+    ]
+    labels = [t["metadata"]["labels"] for t in templates]
+    return {label["app.kubernetes.io/component"]: label for label in labels}

@@ -42,9 +42,11 @@ from tests.helm_chart import (
     gpu_values,
     lint,
     one,
+    pod_labels,
     ray_pod_templates,
     render,
     secret_values,
+    selects,
 )
 
 VALUE_SETS = {"default": None, "gpu": "gpu"}
@@ -82,8 +84,9 @@ def test_renders_the_expected_objects(rendered) -> None:
         "Service/lodestar-redis",
         "StatefulSet/lodestar-redis",
     ]
-    if name == "gpu":  # two gateway replicas get a PDB; the batch is enabled
+    if name == "gpu":  # two gateway replicas get a PDB; the batch and NetworkPolicies are on
         expected += ["PodDisruptionBudget/lodestar-gateway", "RayJob/lodestar-batch"]
+        expected += [f"NetworkPolicy/lodestar-{c}" for c in ("ray", "gateway", "redis")]
     assert kinds == sorted(expected)
 
 
@@ -137,6 +140,7 @@ def test_the_checks_catch_what_the_api_server_would_reject_or_silently_drop() ->
             "additional properties 'tolerration' not allowed",
         ),
         ({"redis": {"persistence": {"enabled": "yes"}}}, "at '/redis/persistence/enabled'"),
+        ({"networkPolicy": {"gatewayFrom": {"ns": "x"}}}, "at '/networkPolicy/gatewayFrom'"),
     ],
 )
 def test_bad_values_fail_lint_and_install_with_a_message_naming_the_key(
@@ -197,6 +201,47 @@ def test_gateway_runs_lodestar_serve_against_the_clusters_head_service(rendered)
     assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": LIVENESS}
     service = one(docs, "Service", "gateway")
     assert {"name": "grpc", "targetPort": "grpc"}.items() <= service["spec"]["ports"][0].items()
+
+
+def test_network_policies_select_their_pods_and_admit_the_releases_own() -> None:
+    values = gpu_values()
+    docs = render(values)
+    pods = pod_labels(docs)
+    assert set(pods) == {"gateway", "redis", "ray-head", "ray-worker", "batch-submitter"}
+    policies = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+    chosen = {
+        name: sorted(c for c, labels in pods.items() if selects(spec["podSelector"], labels))
+        for name, spec in policies.items()
+    }
+    assert chosen == {
+        "lodestar-ray": ["ray-head", "ray-worker"],
+        "lodestar-gateway": ["gateway"],
+        "lodestar-redis": ["redis"],
+    }
+    for name in ("lodestar-ray", "lodestar-redis"):  # every pod of the release gets in
+        same_namespace = [
+            peer["podSelector"]
+            for rule in policies[name]["ingress"]
+            for peer in rule.get("from", [])
+            if "namespaceSelector" not in peer
+        ]
+        admitted = {c for c, pod in pods.items() if any(selects(s, pod) for s in same_namespace)}
+        assert admitted == set(pods), name
+    operator_rules = [
+        rule
+        for rule in policies["lodestar-ray"]["ingress"]
+        if any("namespaceSelector" in peer for peer in rule.get("from", []))
+    ]
+    (rule,) = operator_rules  # the KubeRay operator: the head's dashboard port only
+    assert rule["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    (peer,) = rule["from"]
+    assert peer == values["networkPolicy"]["kuberayOperator"]
+    (rule,) = policies["lodestar-gateway"]["ingress"]  # its ports, from the clients only
+    assert sorted(p["port"] for p in rule["ports"]) == sorted(
+        [values["gateway"].get("port", 50051), chart_defaults()["gateway"]["metrics"]["port"]]
+    )
+    assert rule["from"] == values["networkPolicy"]["gatewayFrom"]
+    assert not any(d["kind"] == "NetworkPolicy" for d in render())  # off by default
 
 
 def test_every_secret_reference_resolves_and_ray_auth_is_shared(rendered) -> None:
