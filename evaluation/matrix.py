@@ -111,7 +111,7 @@ def read_done(path: Path) -> set[str]:
     cut_torn_tail(path)
     if not path.exists():
         return set()
-    return {json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()}
+    return {row["key"] for row in read_rows(path)}
 
 
 def search_seed(seed: int, index: int) -> int:
@@ -178,10 +178,11 @@ async def run_matrix(
     store = MemoryStateStore(StoreConfig())
     orchestrator = Orchestrator(store, workers, OrchestratorConfig(max_live=max_live))
     gate = asyncio.Semaphore(max_live)
-    rows: list[dict[str, Any]] = []
     ids = itertools.count()
+    finished = 0
 
     async def one(variant: Variant, budget: int, seed: int, index: int, sink: Any) -> None:
+        nonlocal finished
         problem = problems[index]
         spec = JobSpec(
             f"eval-{next(ids)}",  # run keys hold characters search ids may not
@@ -198,7 +199,7 @@ async def run_matrix(
         row = run_row(variant, budget, seed, problem, record, wall)
         sink.write(json.dumps(row) + "\n")
         sink.flush()
-        rows.append(row)
+        finished += 1
         if on_done is not None:
             on_done(row)
 
@@ -210,7 +211,7 @@ async def run_matrix(
     finally:
         await orchestrator.close()
         await store.close()
-    return len(rows)
+    return finished
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
