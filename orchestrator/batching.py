@@ -10,26 +10,47 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+from lodestar.orchestrator.errors import SearchError, WorkersUnavailable
+from lodestar.workers.messages import (
+    ExtendRequest,
+    RequestFailed,
+    ScoreRequest,
+    StepOutput,
+    StepScores,
+)
 
+__all__ = ["RequestBatcher", "SearchScope", "Workers", "WorkersUnavailable", "request_chars"]
 
-class WorkersUnavailable(RuntimeError):
-    """A worker is gone for good (its restarts or retries ran out): the search cannot go on
-    here, but nothing is wrong with the request. The service answers UNAVAILABLE."""
+log = logging.getLogger(__name__)
 
 
 Req = TypeVar("Req")
 Out = TypeVar("Out")
 
 
-class RequestBatcher(Generic[Req, Out]):
-    """One worker call per window for all pending requests, at most `max_batch` at a time.
+def request_chars(request: ExtendRequest | ScoreRequest) -> int:
+    """A request's size for call bounds: the characters of its prefix, which bound what a
+    worker may have to encode for it (a cache hit encodes less, never more)."""
+    prompt = request.prompt
+    size = len(prompt) if isinstance(prompt, str) else sum(len(m.content) for m in prompt)
+    return size + sum(map(len, request.steps)) + len(getattr(request, "partial_step", ""))
 
-    A caller's requests stay together in one call unless they alone exceed `max_batch`.
+
+class RequestBatcher(Generic[Req, Out]):
+    """One worker call per window for all pending requests, bounded in count (`max_batch`) and
+    in size (`max_cost` by `cost`, e.g. characters of prefix), so one search's long prefill never
+    holds a worker for the others' time.
+
+    A caller's requests stay together in one call unless they alone exceed a bound. Each caller
+    gets its own outcome: the worker's per-request results, or, when the whole call raised, the
+    error of a call that held its requests alone (the batch is bisected by caller until the
+    failure is pinned on the caller it belongs to). A caller that stops waiting (its search was
+    cancelled or ran out of time) leaves the queue before its requests are sent.
     """
 
     def __init__(
@@ -37,33 +58,59 @@ class RequestBatcher(Generic[Req, Out]):
         call: Callable[[list[Req]], Awaitable[list[Out]]],
         max_batch: int = 256,
         max_wait_s: float = 0.002,
+        *,
+        cost: Callable[[Req], int] | None = None,
+        max_cost: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        if max_cost is not None and (max_cost < 1 or cost is None):
+            raise ValueError("max_cost needs a cost function and must be >= 1")
         self._call = call
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
-        self._pending: deque[tuple[list[Req], asyncio.Future[list[Out]]]] = deque()
+        self._cost = cost
+        self.max_cost = max_cost
+        self._pending: deque[_Pending[Req, Out]] = deque()
         self._task: asyncio.Task[None] | None = None
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         """Sizes of the most recent calls (bounded: a server runs for weeks)."""
         self.on_batch: Callable[[int], None] | None = None
         """Called with each call's size (metrics)."""
+        self.bisections = 0
+        """Calls that failed as a whole with more than one caller in them and were split."""
 
     async def submit(self, requests: Sequence[Req]) -> list[Out]:
         if not requests:
             return []
-        if len(requests) > self.max_batch:
-            chunks = [
-                requests[i : i + self.max_batch] for i in range(0, len(requests), self.max_batch)
-            ]
+        chunks = self._chunks(list(requests))
+        if len(chunks) > 1:
             parts = await asyncio.gather(*(self.submit(c) for c in chunks))
             return [o for part in parts for o in part]
         future: asyncio.Future[list[Out]] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(requests), future))
+        self._pending.append(_Pending(list(requests), self._total_cost(requests), future))
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
         return await future
+
+    def _total_cost(self, requests: Sequence[Req]) -> int:
+        return 0 if self._cost is None else sum(self._cost(r) for r in requests)
+
+    def _chunks(self, requests: list[Req]) -> list[list[Req]]:
+        """Split one caller's requests at the count and size bounds (a request larger than
+        `max_cost` on its own travels alone)."""
+        chunks: list[list[Req]] = [[]]
+        size = 0
+        for r in requests:
+            c = 0 if self._cost is None else self._cost(r)
+            over_count = len(chunks[-1]) >= self.max_batch
+            over_cost = self.max_cost is not None and size + c > self.max_cost
+            if chunks[-1] and (over_count or over_cost):
+                chunks.append([])
+                size = 0
+            chunks[-1].append(r)
+            size += c
+        return chunks
 
     async def _run(self) -> None:
         """Wait out the window, dispatch everything pending, repeat; exit when idle (the next
@@ -72,21 +119,33 @@ class RequestBatcher(Generic[Req, Out]):
             if self.max_wait_s > 0 and self._queued() < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
             while self._pending:
-                await self._dispatch(self._take())
+                batch = self._take()
+                if batch:
+                    await self._dispatch(batch)
 
     def _queued(self) -> int:
-        return sum(len(r) for r, _ in self._pending)
+        return sum(len(p.requests) for p in self._pending)
 
-    def _take(self) -> list[tuple[list[Req], asyncio.Future[list[Out]]]]:
-        batch, size = [], 0
-        while self._pending and size + len(self._pending[0][0]) <= self.max_batch:
-            item = self._pending.popleft()
-            batch.append(item)
-            size += len(item[0])
+    def _take(self) -> list[_Pending[Req, Out]]:
+        batch: list[_Pending[Req, Out]] = []
+        size = cost = 0
+        while self._pending:
+            head = self._pending[0]
+            if head.future.done():  # its caller stopped waiting: never sent
+                self._pending.popleft()
+                continue
+            fits = size + len(head.requests) <= self.max_batch and (
+                self.max_cost is None or cost + head.cost <= self.max_cost
+            )
+            if batch and not fits:
+                break
+            batch.append(self._pending.popleft())
+            size += len(head.requests)
+            cost += head.cost
         return batch
 
-    async def _dispatch(self, batch: list[tuple[list[Req], asyncio.Future[list[Out]]]]) -> None:
-        flat = [r for reqs, _ in batch for r in reqs]
+    async def _dispatch(self, batch: list[_Pending[Req, Out]]) -> None:
+        flat = [r for p in batch for r in p.requests]
         self.batch_sizes.append(len(flat))
         if self.on_batch is not None:
             self.on_batch(len(flat))
@@ -94,16 +153,37 @@ class RequestBatcher(Generic[Req, Out]):
             outs = await self._call(flat)
             if len(outs) != len(flat):
                 raise RuntimeError(f"worker returned {len(outs)} outputs for {len(flat)} requests")
-        except Exception as e:  # every waiting search sees the worker's failure
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
+        except Exception as e:
+            if len(batch) == 1 or isinstance(e, WorkersUnavailable):
+                for p in batch:  # its own failure, or a worker gone for everyone
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                return
+            # Whose fault? Retry each half alone: the good callers' requests succeed, the
+            # failure ends up with the caller it belongs to (sampling is seeded per request,
+            # so a retried request gives what it would have).
+            self.bisections += 1
+            log.warning("a worker call of %d callers failed (%s); bisecting", len(batch), e)
+            half = len(batch) // 2
+            for part in (batch[:half], batch[half:]):
+                live = [p for p in part if not p.future.done()]
+                if live:
+                    await self._dispatch(live)
             return
         start = 0
-        for reqs, fut in batch:
-            if not fut.done():
-                fut.set_result(outs[start : start + len(reqs)])
-            start += len(reqs)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_result(outs[start : start + len(p.requests)])
+            start += len(p.requests)
+
+
+@dataclasses.dataclass(slots=True)
+class _Pending(Generic[Req, Out]):
+    """One caller's requests waiting for a call, and where its outcome goes."""
+
+    requests: list[Req]
+    cost: int
+    future: asyncio.Future[list[Out]]
 
 
 class SearchScope:
@@ -113,8 +193,8 @@ class SearchScope:
     def __init__(
         self,
         search_id: str,
-        extend: Callable[[Sequence[ExtendRequest]], Awaitable[list[StepOutput]]],
-        score: Callable[[Sequence[ScoreRequest]], Awaitable[list[StepScores]]],
+        extend: Callable[[Sequence[ExtendRequest]], Awaitable[list[StepOutput | RequestFailed]]],
+        score: Callable[[Sequence[ScoreRequest]], Awaitable[list[StepScores | RequestFailed]]],
     ) -> None:
         self.prefix = self.prefix_of(search_id)
         self._extend = extend
@@ -138,11 +218,18 @@ class SearchScope:
 
     async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
         outs = await self._extend([self._scoped(r) for r in requests])
-        return [self._local(o) for o in outs]
+        return [self._local(_succeeded(o)) for o in outs]
 
     async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         outs = await self._score([self._scoped(r) for r in requests])
-        return [self._local(o) for o in outs]
+        return [self._local(_succeeded(o)) for o in outs]
+
+
+def _succeeded(outcome: Any) -> Any:
+    """A worker's outcome for one of this search's requests, or the search's typed failure."""
+    if isinstance(outcome, RequestFailed):
+        raise SearchError.from_outcome(outcome)
+    return outcome
 
 
 class Workers(Protocol):

@@ -18,6 +18,10 @@ Failures, by kind:
 
 Admission control is per orchestrator: at most `max_live` searches advance at once and
 `max_queued` more wait for a slot; beyond that `submit` raises `Overloaded` and nothing is stored.
+
+Shutdown is `drain`: nothing new is accepted or claimed, live searches stop after their current
+step and their leases are handed back, so another orchestrator resumes them from the newest
+checkpoint at its next scan; `close` then stops what is left.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import logging
 import time
 import uuid
+from asyncio import FIRST_COMPLETED
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,8 +44,9 @@ from lodestar.orchestrator.algorithms.registry import (
     algorithm_for_checkpoint,
     start_search,
 )
-from lodestar.orchestrator.algorithms.state import SearchResult
+from lodestar.orchestrator.algorithms.state import BudgetExhausted, SearchResult
 from lodestar.orchestrator.batching import Workers
+from lodestar.orchestrator.errors import DeadlineExceeded, SearchError, client_message
 from lodestar.orchestrator.state_store import (
     BatchRecord,
     InvalidTransition,
@@ -54,7 +60,8 @@ from lodestar.orchestrator.state_store import (
     StateStoreUnavailable,
     StreamClosed,
 )
-from lodestar.workers.messages import prompt_from_json
+from lodestar.workers.intake import ProblemIntake, ProblemRefused
+from lodestar.workers.messages import ErrorKind, prompt_from_json
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,37 @@ class Overloaded(Exception):
     def __init__(self, limit: int) -> None:
         super().__init__(f"overloaded: {limit} searches already accepted and unfinished")
         self.limit = limit
+
+
+class ShuttingDown(SearchError):
+    """This orchestrator is draining (its server is stopping): it takes no new work, and a live
+    search stops after its current step, checkpointed, for another orchestrator to resume. The
+    service answers UNAVAILABLE: retry on another server, where an accepted search goes on."""
+
+    kind = ErrorKind.UNAVAILABLE
+
+
+DRAINED_MESSAGE = (
+    "the server is shutting down: the search stopped at its last checkpoint and another "
+    "server resumes it (follow it there with GetSearch)"
+)
+HAND_BACK_S = 0.001
+"""Lease left on a search drained here: it expires at once, so another orchestrator claims the
+search at its next scan instead of `lease_s` later."""
+DRAIN_BOUND_S = 1.0
+"""What a drain may take beyond its timeout: for steps cut at the timeout to unwind, and again
+for the leases to be handed back (each bounded, so an unreachable store cannot stretch it)."""
+
+
+class ItemsRefused(ParamError):
+    """Batch items that cannot be served, all of them at once as (field, message), so a client
+    can drop them and resubmit the rest; nothing was stored."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        first, message = violations[0]
+        more = f" (and {len(violations) - 1} more items)" if len(violations) > 1 else ""
+        super().__init__(first, message + more)
+        self.violations = violations
 
 
 @dataclass(frozen=True)
@@ -111,9 +149,24 @@ def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation:
 
 def _start(spec: JobSpec) -> tuple[SearchAlgorithm[Any, Any], Any]:
     """Validate a job's spec in full and build the algorithm's initial state."""
-    return start_search(
-        spec.algorithm, prompt_from_json(spec.problem), spec.params, spec.seed, spec.budget
-    )
+    try:
+        problem = prompt_from_json(spec.problem)
+    except ValueError as e:
+        raise ParamError("problem", str(e)) from None
+    return start_search(spec.algorithm, problem, spec.params, spec.seed, spec.budget)
+
+
+INTERNAL_MESSAGE = "the search failed on the server; its log has the detail under the search id"
+"""What a client reads for a failure that is not its own (no traceback, host or path)."""
+
+
+def failure_of(error: BaseException) -> tuple[ErrorKind, str]:
+    """The kind and client-safe message a job records for an exception that ended it."""
+    if isinstance(error, SearchError):
+        return error.kind, error.message
+    if isinstance(error, BudgetExhausted):
+        return ErrorKind.RESOURCE_EXHAUSTED, client_message(str(error))
+    return ErrorKind.INTERNAL, INTERNAL_MESSAGE
 
 
 def being_cancelled() -> bool:
@@ -135,11 +188,18 @@ class Orchestrator:
         workers: Workers,
         config: OrchestratorConfig | None = None,
         observer: SearchObserver | None = None,
+        intake: ProblemIntake | None = None,
     ) -> None:
         self.store = store
         self.workers = workers
         self.config = config or OrchestratorConfig()
         self.observer = observer
+        self.intake = intake
+        """Checks each problem against the served models at submit (None: only the spec)."""
+        self._deadlines: dict[str, float] = {}
+        """Loop-clock deadlines of searches submitted here with one."""
+        self._interrupts: dict[str, asyncio.Event] = {}
+        """Set to stop a live search's current step at once (cancel), not after it."""
         self._slots = asyncio.Semaphore(self.config.max_live)
         self._tasks: dict[str, asyncio.Task[JobRecord]] = {}
         self._running: set[str] = set()
@@ -147,6 +207,9 @@ class Orchestrator:
         """Live searches whose lease another orchestrator took; they stop at the next step."""
         self._wake = asyncio.Event()
         self._maintainer: asyncio.Task[None] | None = None
+        self._draining = False
+        self._parked: set[str] = set()
+        """Searches a drain stopped here unfinished: their leases are handed back."""
 
     @property
     def owner(self) -> str:
@@ -160,6 +223,11 @@ class Orchestrator:
     @property
     def live(self) -> int:
         return len(self._running)
+
+    @property
+    def draining(self) -> bool:
+        """True from the start of `drain`: the server is stopping, not the clients leaving."""
+        return self._draining
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -176,12 +244,67 @@ class Orchestrator:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._maintainer = None
 
+    async def drain(self, timeout_s: float) -> list[str]:
+        """Stop for a shutdown, leaving nothing half-done: from now on no search is accepted
+        (`ShuttingDown`) or claimed here; each live search stops after its current step, so the
+        store holds its newest checkpoint (a step still running after `timeout_s` is cut: the
+        step before it is the checkpoint); its waiters get `ShuttingDown`. The leases of the
+        searches left unfinished are then handed back, so another orchestrator resumes them at
+        its next scan. Returns within `timeout_s` + 2 * DRAIN_BOUND_S with their ids."""
+        self._draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self._tasks and (remaining := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._tasks.values()), timeout=remaining)
+        late = list(self._tasks.values())
+        for task in late:  # mid-step at the deadline
+            self._parked.add(task.get_name().removeprefix("search-"))
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=DRAIN_BOUND_S)
+        if self._maintainer is not None:  # it renewed the leases until now; it must not after
+            self._maintainer.cancel()
+            await asyncio.gather(self._maintainer, return_exceptions=True)
+            self._maintainer = None
+        parked = sorted(self._parked)
+        await self._hand_back(parked)
+        log.info("orchestrator %s drained: %d searches left to resume", self.owner, len(parked))
+        return parked
+
+    async def _hand_back(self, search_ids: Sequence[str]) -> None:
+        """Shorten this owner's leases of `search_ids` to expire now (one it no longer holds is
+        left alone); bounded by DRAIN_BOUND_S in all."""
+
+        async def one(search_id: str) -> None:
+            with contextlib.suppress(LeaseLost, JobNotFound):
+                await self.store.renew_lease(search_id, self.owner, HAND_BACK_S)
+
+        try:
+            async with asyncio.timeout(DRAIN_BOUND_S):
+                await asyncio.gather(*(one(s) for s in search_ids), return_exceptions=True)
+        except TimeoutError:
+            log.warning("orchestrator %s: leases not all handed back in time", self.owner)
+
     # -- the API ---------------------------------------------------------------------------------
 
-    async def submit(self, spec: JobSpec) -> JobRecord:
-        """Validate, store and schedule a search. Raises `ParamError` (bad request, nothing
-        stored), `Overloaded`, `JobExists` or `StateStoreUnavailable`."""
+    def check(self, spec: JobSpec) -> None:
+        """Everything that can be checked before a search is stored: the spec (parameters,
+        budget, seed) and the problem against the served models. Raises `ParamError`."""
         _start(spec)
+        if self.intake is None:
+            return
+        try:
+            self.intake.check(prompt_from_json(spec.problem))
+        except ProblemRefused as e:
+            raise ParamError(e.field, e.message) from None
+
+    async def submit(self, spec: JobSpec, timeout_s: float | None = None) -> JobRecord:
+        """Validate, store and schedule a search. Raises `ParamError` (bad request, nothing
+        stored), `Overloaded`, `JobExists` or `StateStoreUnavailable`. With `timeout_s`, a
+        search still running then stops at once: CANCELLED, kind DEADLINE_EXCEEDED."""
+        if self._draining:
+            raise ShuttingDown("the server is shutting down: submit to another server")
+        self.check(spec)
         limit = self.config.max_live + self.config.max_queued
         if self.accepted >= limit:
             raise Overloaded(limit)
@@ -192,6 +315,8 @@ class Orchestrator:
             spec.algorithm,
             extra={"search_id": spec.search_id},
         )
+        if timeout_s is not None:
+            self._deadlines[spec.search_id] = asyncio.get_running_loop().time() + timeout_s
         self._spawn(spec.search_id)
         return record
 
@@ -200,16 +325,20 @@ class Orchestrator:
     ) -> BatchRecord:
         """Validate every item, then store the batch and its queued jobs in one go. Items are
         not admitted here: every orchestrator of the store claims them as it has free slots.
-        Raises `ParamError` (`items[i].problem`, or the shared field), `BatchExists`,
-        `JobExists`."""
+        Raises `ItemsRefused` (every bad item's `items[i].problem`), `ParamError` (a shared
+        field), `BatchExists`, `JobExists`."""
+        if self._draining:
+            raise ShuttingDown("the server is shutting down: submit to another server")
+        refused: list[tuple[str, str]] = []
         for i, spec in enumerate(specs):
             try:
-                _start(spec)
+                self.check(spec)
             except ParamError as e:  # the item's own fields get its index; shared ones do not
-                per_item = e.field.split(".")[0] in ("problem", "seed")
-                raise ParamError(
-                    f"items[{i}].{e.field}" if per_item else e.field, e.message
-                ) from None
+                if e.field.split(".")[0] not in ("problem", "seed"):
+                    raise
+                refused.append((f"items[{i}].{e.field}", e.message))
+        if refused:
+            raise ItemsRefused(refused)
         record = await self.store.create_batch(batch_id, settings, specs)
         log.info("batch %s accepted (%d items)", batch_id, len(specs), extra={"batch_id": batch_id})
         self._wake.set()
@@ -219,16 +348,37 @@ class Orchestrator:
         """Flag the search; it stops before its next step (a queued one never starts). Returns
         the job as it is now (raises `JobNotFound`)."""
         await self.store.request_cancel(search_id)
+        if (interrupt := self._interrupts.get(search_id)) is not None:
+            interrupt.set()  # running here: its requests leave the workers' queues now
         record = await self.store.get_job(search_id)
         if record is None:
             raise JobNotFound(search_id)
+        return record
+
+    async def cancel_batch(self, batch_id: str) -> BatchRecord:
+        """Cancel every unfinished item of a batch, wherever it runs: a queued item finishes
+        cancelled now and never starts, a running one stops before its next step (as `cancel`
+        flags it). Returns the batch as it is now (raises `BatchNotFound`)."""
+        event = {  # what `_finish` writes for a search cancelled before its first step
+            "status": str(JobStatus.CANCELLED),
+            "final_answer": None,
+            "error": "cancelled",
+            "error_kind": ErrorKind.CANCELLED,
+        }
+        record = await self.store.cancel_batch(batch_id, json.dumps(event).encode())
+        log.info("batch %s cancelled", batch_id, extra={"batch_id": batch_id})
         return record
 
     async def wait(self, search_id: str) -> JobRecord:
         """The job once finished. Follows a search run elsewhere through its progress events."""
         task = self._tasks.get(search_id)
         if task is not None:
-            return await asyncio.shield(task)
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.cancelled() and self._draining and not being_cancelled():
+                    raise ShuttingDown(DRAINED_MESSAGE) from None  # cut mid-step by the drain
+                raise
         return await self._follow_to_end(search_id)
 
     async def solve(self, spec: JobSpec) -> JobRecord:
@@ -246,14 +396,17 @@ class Orchestrator:
         search_id = task.get_name().removeprefix("search-")
         self._tasks.pop(search_id, None)
         self._lost.discard(search_id)
+        self._deadlines.pop(search_id, None)
         self._wake.set()  # a slot is free: claim queued work now
-        if not task.cancelled() and task.exception() is not None:  # retrieved: waiters re-raise
-            log.warning(
-                "search %s: %s", search_id, task.exception(), extra={"search_id": search_id}
-            )
+        error = None if task.cancelled() else task.exception()  # retrieved: waiters re-raise
+        if error is not None and not isinstance(error, ShuttingDown):  # a drain logs its own
+            log.warning("search %s: %s", search_id, error, extra={"search_id": search_id})
 
     async def _run(self, search_id: str) -> JobRecord:
         async with self._slots:
+            if self._draining:  # never claimed here (claim_orphans' claims are handed back)
+                self._parked.add(search_id)
+                raise ShuttingDown(DRAINED_MESSAGE)
             record = await self.store.claim_job(search_id, self.owner, self.config.lease_s)
             if record is None:  # finished, or another orchestrator holds it
                 return await self._follow_to_end(search_id)
@@ -268,6 +421,9 @@ class Orchestrator:
                     extra={"search_id": search_id},
                 )
                 return await self._follow_to_end(search_id)
+            except ShuttingDown:
+                self._parked.add(search_id)
+                raise
             finally:
                 self._running.discard(search_id)
                 with contextlib.suppress(Exception):
@@ -276,7 +432,7 @@ class Orchestrator:
     async def _drive(self, record: JobRecord) -> JobRecord:
         spec, sid = record.spec, record.search_id
         if await self.store.is_cancelled(sid):
-            return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
+            return await self._cancelled(sid)
         algorithm: SearchAlgorithm[Any, Any]
         checkpoint = await self.store.load_checkpoint(sid)
         if checkpoint is None:
@@ -288,17 +444,23 @@ class Orchestrator:
             generation = checkpoint.generation
         scope = self.workers.scope(sid)
         cancelled = False  # checked above; then the flag comes back with each step's write
+        interrupt = self._interrupts[sid] = asyncio.Event()
         try:
             while not algorithm.is_done(state):
                 if being_cancelled():  # see _maintain
                     raise asyncio.CancelledError
                 if sid in self._lost:
                     raise LeaseLost(f"search {sid!r} was claimed by another orchestrator")
-                if cancelled:
-                    return await self._finish(sid, JobStatus.CANCELLED, error="cancelled")
+                if cancelled or interrupt.is_set():
+                    return await self._cancelled(sid)
+                if self._draining:  # the newest checkpoint is in the store: resumable elsewhere
+                    raise ShuttingDown(DRAINED_MESSAGE)
                 before = dataclasses.asdict(algorithm.common(state).spend)
                 started = time.perf_counter()
-                state = await algorithm.advance(state, scope, scope)
+                stepped = await self._step(sid, algorithm, state, scope, interrupt)
+                if stepped is None:  # cancelled mid-step: the last checkpoint stays
+                    return await self._cancelled(sid)
+                state = stepped
                 generation += 1
                 event = progress_event(algorithm, state, generation)
                 if self.observer is not None:
@@ -307,11 +469,22 @@ class Orchestrator:
                 cancelled = await self.store.record_step(
                     sid, generation, algorithm.dumps(state), json.dumps(event).encode()
                 )
-        except (StateStoreUnavailable, StaleWriter, LeaseLost, InvalidTransition):
+        except (StateStoreUnavailable, StaleWriter, LeaseLost, InvalidTransition, ShuttingDown):
             raise
-        except Exception as e:  # a worker gave up, or a model produced something unusable
-            log.exception("search %s failed", sid, extra={"search_id": sid})
-            return await self._finish(sid, JobStatus.FAILED, error=f"{type(e).__name__}: {e}")
+        except DeadlineExceeded as e:  # stopped like a cancel, the checkpoint kept
+            log.info("search %s: deadline passed", sid, extra={"search_id": sid})
+            return await self._finish(
+                sid, JobStatus.CANCELLED, error=e.message, error_kind=ErrorKind.DEADLINE_EXCEEDED
+            )
+        except Exception as e:  # a worker gave up, a request was refused, a model misbehaved
+            kind, message = failure_of(e)
+            if kind is ErrorKind.INTERNAL:
+                log.exception("search %s failed", sid, extra={"search_id": sid})
+            else:
+                log.info("search %s failed: %s", sid, e, extra={"search_id": sid})
+            return await self._finish(sid, JobStatus.FAILED, error=message, error_kind=kind)
+        finally:
+            self._interrupts.pop(sid, None)
         result = algorithm.result(state)
         return await self._finish(
             sid,
@@ -321,6 +494,42 @@ class Orchestrator:
             final_answer=result.final_answer,
         )
 
+    async def _step(
+        self,
+        sid: str,
+        algorithm: SearchAlgorithm[Any, Any],
+        state: Any,
+        scope: Any,
+        interrupt: asyncio.Event,
+    ) -> Any | None:
+        """One `advance`, stopped at once by a cancel (None) or the search's deadline
+        (`DeadlineExceeded`: the search ends CANCELLED with that kind): stopping it cancels its
+        pending worker requests, which leave the batchers' queues unsent."""
+        step = asyncio.ensure_future(algorithm.advance(state, scope, scope))
+        stop = asyncio.ensure_future(interrupt.wait())
+        deadline = self._deadlines.get(sid)
+        timeout = None if deadline is None else deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait({step, stop}, timeout=timeout, return_when=FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await step
+        if step.cancelled():
+            if interrupt.is_set():
+                return None
+            if not being_cancelled():
+                raise DeadlineExceeded("the search's deadline passed")
+            raise asyncio.CancelledError
+        return step.result()
+
+    async def _cancelled(self, sid: str) -> JobRecord:
+        return await self._finish(
+            sid, JobStatus.CANCELLED, error="cancelled", error_kind=ErrorKind.CANCELLED
+        )
+
     async def _finish(
         self,
         sid: str,
@@ -328,16 +537,22 @@ class Orchestrator:
         *,
         result: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
         spend: dict[str, float] | None = None,
         final_answer: str | None = None,
     ) -> JobRecord:
         record = await self.store.update_job(
-            sid, status=status, result=result, error=error, spend=spend
+            sid, status=status, result=result, error=error, error_kind=error_kind, spend=spend
         )
         if self.observer is not None:
             self.observer.search_finished(status)
         log.info("search %s %s", sid, status, extra={"search_id": sid, "status": str(status)})
-        event = {"status": str(status), "final_answer": final_answer, "error": error}
+        event = {
+            "status": str(status),
+            "final_answer": final_answer,
+            "error": error,
+            "error_kind": error_kind,
+        }
         with contextlib.suppress(StreamClosed):
             await self.store.append_event(sid, json.dumps(event).encode(), terminal=True)
         return record
@@ -393,7 +608,7 @@ class Orchestrator:
 
     async def _claim_orphans(self) -> None:
         free = self.config.max_live - len(self._tasks)
-        if free <= 0:
+        if free <= 0 or self._draining:
             return
         for record in await self.store.claim_orphans(self.owner, self.config.lease_s, free):
             if record.search_id not in self._tasks:

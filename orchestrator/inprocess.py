@@ -11,18 +11,24 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from lodestar.orchestrator.batching import RequestBatcher, SearchScope
-from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+from lodestar.orchestrator.batching import RequestBatcher, SearchScope, request_chars
+from lodestar.workers.messages import (
+    ExtendRequest,
+    RequestFailed,
+    ScoreRequest,
+    StepOutput,
+    StepScores,
+)
 
 
 class SyncPolicy(Protocol):
-    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]: ...
+    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]: ...
 
     def release_prefix(self, prefix: str) -> int: ...
 
 
 class SyncReward(Protocol):
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]: ...
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]: ...
 
     def release_prefix(self, prefix: str) -> int: ...
 
@@ -32,7 +38,7 @@ class LocalPolicy:
         self.worker = worker
         self.lock = asyncio.Lock()
 
-    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
         async with self.lock:
             return await asyncio.to_thread(self.worker.extend, list(requests))
 
@@ -42,7 +48,7 @@ class LocalReward:
         self.worker = worker
         self.lock = asyncio.Lock()
 
-    async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+    async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
         async with self.lock:
             return await asyncio.to_thread(self.worker.score, list(requests))
 
@@ -56,11 +62,13 @@ class LocalWorkers:
         reward: SyncReward,
         max_batch: int = 256,
         max_wait_s: float = 0.001,
+        max_call_chars: int | None = 1_000_000,
     ) -> None:
         self._policy = LocalPolicy(policy)
         self._reward = LocalReward(reward)
-        self.policy_batcher = RequestBatcher(self._policy.extend, max_batch, max_wait_s)
-        self.reward_batcher = RequestBatcher(self._reward.score, max_batch, max_wait_s)
+        bounds = dict(cost=request_chars, max_cost=max_call_chars)
+        self.policy_batcher = RequestBatcher(self._policy.extend, max_batch, max_wait_s, **bounds)
+        self.reward_batcher = RequestBatcher(self._reward.score, max_batch, max_wait_s, **bounds)
 
     def scope(self, search_id: str) -> SearchScope:
         return SearchScope(search_id, self.policy_batcher.submit, self.reward_batcher.submit)

@@ -15,16 +15,26 @@ the error.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from lodestar.orchestrator.batching import RequestBatcher, SearchScope, WorkersUnavailable
+from lodestar.orchestrator.batching import RequestBatcher, SearchScope, request_chars
+from lodestar.orchestrator.errors import WorkersUnavailable
 from lodestar.workers.actors import CONTROL, ModelHost, Role
 from lodestar.workers.factory import ModelConfig
-from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+from lodestar.workers.messages import (
+    ExtendRequest,
+    RequestFailed,
+    ScoreRequest,
+    StepOutput,
+    StepScores,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,12 @@ class PoolConfig:
     """Most requests in one actor call."""
     max_wait_s: float = 0.002
     """How long a batcher waits for more searches' requests before calling the actor."""
+    max_call_chars: int | None = 1_000_000
+    """Most prefix characters in one actor call (`batching.request_chars`): bounds a call's
+    encoding work, so one search's long prefill never holds an actor for everyone."""
+    call_timeout_s: float | None = 600.0
+    """An actor call unanswered this long counts as a dead worker (UNAVAILABLE); far above any
+    bounded call's time, it catches a hung actor, not a slow one."""
 
     def __post_init__(self) -> None:
         if self.policy_workers < 1 or (not self.combined and self.reward_workers < 1):
@@ -55,6 +71,10 @@ class PoolConfig:
             raise ValueError("threads must be >= 1")
         if self.max_batch < 1 or self.max_wait_s < 0:
             raise ValueError("need max_batch >= 1 and max_wait_s >= 0")
+        if self.max_call_chars is not None and self.max_call_chars < 1:
+            raise ValueError("max_call_chars must be >= 1")
+        if self.call_timeout_s is not None and self.call_timeout_s <= 0:
+            raise ValueError("call_timeout_s must be > 0")
 
 
 class _Member:
@@ -64,20 +84,26 @@ class _Member:
         self.handle = handle
         self.roles = roles
         self.live = 0
-        self.extend = RequestBatcher(self._extend, config.max_batch, config.max_wait_s)
-        self.score = RequestBatcher(self._score, config.max_batch, config.max_wait_s)
+        self.call_timeout_s = config.call_timeout_s
+        bounds = dict(cost=request_chars, max_cost=config.max_call_chars)
+        self.extend = RequestBatcher(self._extend, config.max_batch, config.max_wait_s, **bounds)
+        self.score = RequestBatcher(self._score, config.max_batch, config.max_wait_s, **bounds)
 
-    async def _extend(self, requests: list[ExtendRequest]) -> list[StepOutput]:
-        try:
-            return await self.handle.extend.remote(requests)
-        except (RayActorError, ActorUnavailableError) as e:
-            raise WorkersUnavailable(f"policy worker unavailable: {e}") from e
+    async def _extend(self, requests: list[ExtendRequest]) -> list[StepOutput | RequestFailed]:
+        return await self._call(self.handle.extend, "policy", requests)
 
-    async def _score(self, requests: list[ScoreRequest]) -> list[StepScores]:
+    async def _score(self, requests: list[ScoreRequest]) -> list[StepScores | RequestFailed]:
+        return await self._call(self.handle.score, "reward", requests)
+
+    async def _call(self, method: Any, role: str, requests: list[Any]) -> Any:
+        """One actor call; a dead actor, or one silent past `call_timeout_s`, is unavailable
+        (the detail, with actor ids and hosts, stays in the log)."""
         try:
-            return await self.handle.score.remote(requests)
-        except (RayActorError, ActorUnavailableError) as e:
-            raise WorkersUnavailable(f"reward worker unavailable: {e}") from e
+            async with asyncio.timeout(self.call_timeout_s):
+                return await method.remote(requests)
+        except (RayActorError, ActorUnavailableError, TimeoutError) as e:
+            log.warning("%s worker call of %d requests failed: %s", role, len(requests), e)
+            raise WorkersUnavailable(f"{role} worker unavailable") from e
 
 
 class RayWorkerPool:
@@ -104,6 +130,8 @@ class RayWorkerPool:
             self.policy_members = [spawn(("policy",)) for _ in range(n_policy)]
             self.reward_members = [spawn(("reward",)) for _ in range(config.reward_workers)]
         self._assigned: dict[str, tuple[_Member, _Member]] = {}
+        self._dropping: set[asyncio.Future[Any]] = set()
+        """Cache drops sent and not yet answered (see `release`)."""
 
     @property
     def members(self) -> list[_Member]:
@@ -138,7 +166,11 @@ class RayWorkerPool:
         }
 
     async def release(self, search_id: str) -> None:
-        """Forget the search's placement and drop its caches; a dead actor has none to drop."""
+        """Forget the search's placement now and send its actors the order to drop its caches,
+        without waiting for them: an actor runs model calls one at a time, so a busy one drops
+        the caches only after its current call (seconds to minutes on a real model), and no one
+        needs to wait for that: not the search's result, not its slot, not a shutdown (whose
+        actors are killed anyway). A dead actor has no caches to drop."""
         placed = self._assigned.pop(search_id, None)
         if placed is None:
             return
@@ -146,13 +178,26 @@ class RayWorkerPool:
         for m in members:
             m.live -= 1
         prefix = SearchScope.prefix_of(search_id)
-        calls = [m.handle.release_prefix.remote(prefix) for m in members]
-        await asyncio.gather(*calls, return_exceptions=True)
+        # Never retried: an actor that restarts starts with empty caches.
+        drop = [m.handle.release_prefix.options(max_task_retries=0) for m in members]
+        # Collected, not dropped, so a dead actor's error is read here rather than logged.
+        dropping = asyncio.ensure_future(
+            asyncio.gather(*(d.remote(prefix) for d in drop), return_exceptions=True)
+        )
+        self._dropping.add(dropping)
+        dropping.add_done_callback(self._dropped)
+
+    def _dropped(self, dropping: asyncio.Future[Any]) -> None:
+        self._dropping.discard(dropping)
+        if not dropping.cancelled():
+            dropping.exception()  # read: a cancel at shutdown is nobody's error
 
     @property
     def live_searches(self) -> int:
         return len(self._assigned)
 
     def shutdown(self) -> None:
+        for dropping in list(self._dropping):  # the actors and their caches go with them
+            dropping.cancel()
         for handle in self.handles:
             ray.kill(handle, no_restart=True)

@@ -1,9 +1,11 @@
 """`lodestar serve`: everything on one machine (or the front end of a cluster) in one process.
 
 Start order matters for probes: the gRPC port opens NOT_SERVING first, then the model actors
-load, then health turns SERVING; from then on the watchdog keeps it following the workers.
-SIGINT/SIGTERM: health NOT_SERVING, in-flight calls get the grace period, unfinished jobs keep
-their checkpoints (another server resumes them from Redis).
+load, then health turns SERVING; from then on the watchdog keeps readiness following the workers
+and the state store (liveness: the workers only).
+SIGINT/SIGTERM: health NOT_SERVING, new work refused, live searches finish their current step
+within the grace period (`LodestarServer.stop`); unfinished jobs keep their checkpoints and
+their leases are handed back (another server resumes them from Redis).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
 from lodestar.services.metrics import Metrics
 from lodestar.services.server import LodestarServer, ServerConfig
 from lodestar.services.watchdog import WatchConfig, watch_workers
+from lodestar.workers.factory import build_intake
+from lodestar.workers.intake import ProblemLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +44,21 @@ class ServeConfig:
     connect_attempts: int = 5
     """Tries at joining a cluster before giving up (see `connect_ray`)."""
     metrics_port: int | None = None
-    """Serve Prometheus metrics at http://0.0.0.0:<port>/metrics; None: off."""
+    """Serve Prometheus metrics at http://<metrics host>:<port>/metrics; None: off."""
+    metrics_host: str | None = None
+    """Where /metrics binds; None: the gRPC server's host (a server on loopback stays there)."""
     watch: WatchConfig = field(default_factory=WatchConfig)
-    """How health follows the workers once serving."""
+    """How health follows the workers and the store once serving."""
+    limits: ProblemLimits = field(default_factory=ProblemLimits)
+    """What one problem may be; checked at submit against the served policy's tokenizer."""
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """(host, port) the /metrics endpoint binds; None when metrics are off."""
+        if self.metrics_port is None:
+            return None
+        host = self.metrics_host or self.server.address.rpartition(":")[0]
+        return host.strip("[]"), self.metrics_port  # "[::1]:50051" binds "::1"
 
 
 @contextlib.asynccontextmanager
@@ -57,8 +73,9 @@ async def runtime(config: ServeConfig) -> AsyncIterator[tuple[Orchestrator, RayW
     store = open_state_store(config.store_url, **settings)
     try:
         await store.ping()
-        pool = RayWorkerPool(config.pool)
-        orchestrator = Orchestrator(store, pool, config.orchestrator)
+        pool = RayWorkerPool(config.pool)  # the actors load while the intake loads here
+        intake = await asyncio.to_thread(build_intake, config.pool.models, config.limits)
+        orchestrator = Orchestrator(store, pool, config.orchestrator, intake=intake)
         try:
             yield orchestrator, pool
         finally:
@@ -97,8 +114,9 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
             loop.add_signal_handler(sig, stop.set)
         metrics = Metrics()
         metrics.watch(orchestrator)
-        if config.metrics_port is not None:
-            metrics.serve(config.metrics_port)
+        if config.metrics_address is not None:
+            metrics_host, metrics_port = config.metrics_address
+            metrics.serve(metrics_port, metrics_host)
         server = LodestarServer(orchestrator, config.server)
         watchdog = None
         try:
@@ -109,7 +127,13 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
             await orchestrator.start()
             await server.set_serving()
             watchdog = asyncio.create_task(
-                watch_workers(pool, server, config.watch, metrics.record_worker_stats)
+                watch_workers(
+                    pool,
+                    server,
+                    config.watch,
+                    metrics.record_worker_stats,
+                    store=orchestrator.store,
+                )
             )
             devices = ", ".join(sorted({i["device"] for i in infos}))
             announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")

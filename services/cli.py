@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lodestar.workers.intake import ProblemLimits
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 batch_app = typer.Typer(no_args_is_help=True, help="Batches of problems from JSONL files.")
 app.add_typer(batch_app, name="batch")
@@ -49,6 +51,18 @@ RedisPasswordOpt = Annotated[
 ]
 AddressOpt = Annotated[str, typer.Option(help="Server address.")]
 TokenOpt = Annotated[str | None, typer.Option(envvar="LODESTAR_AUTH_TOKEN", help="Bearer token.")]
+TlsOpt = Annotated[
+    bool, typer.Option("--tls", help="TLS, the server checked against gRPC's default roots.")
+]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        exists=True,
+        dir_okay=False,
+        help="CA bundle (PEM) to check the server against; implies --tls.",
+    ),
+]
 PolicyWorkersOpt = Annotated[int, typer.Option(help="Policy actors.")]
 RewardWorkersOpt = Annotated[int, typer.Option(help="Reward actors.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads per actor.")]
@@ -86,6 +100,25 @@ def _search_params(algorithm: str, budget: int | None, param: list[str] | None) 
         target = params.setdefault("inner_params", {}) if algorithm == "early_rejection" else params
         target.setdefault("n", budget)
     return params
+
+
+MaxProblemCharsOpt = Annotated[
+    int, typer.Option(min=1, help="Longest problem in characters (all chat messages together).")
+]
+MaxProblemTokensOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="Longest problem in the served policy's tokens "
+        "(default: the policy's context less the room kept for the solution).",
+    ),
+]
+
+
+def _client_tls(tls: bool, ca: Path | None) -> Any:
+    from lodestar.services.client import ClientTLS
+
+    return ClientTLS(enabled=tls or ca is not None, ca=ca)
 
 
 def _caps(max_tokens: int | None, max_prm_passes: int | None) -> dict[str, int]:
@@ -173,6 +206,20 @@ def serve(
     metrics_port: Annotated[
         int | None, typer.Option(help="Prometheus /metrics on this port (default: off).")
     ] = None,
+    metrics_host: Annotated[
+        str | None, typer.Option(help="Address /metrics binds (default: --host).")
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate chain: serve TLS only (with --tls-key).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    health_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Also serve grpc.health.v1 alone, in plaintext, on this port of --host "
+            "(Kubernetes' gRPC probes speak no TLS). Default: off."
+        ),
+    ] = None,
     log_format: Annotated[
         str, typer.Option(help='"text" or "json" (one object per line).')
     ] = "text",
@@ -184,6 +231,24 @@ def serve(
             "(Kubernetes restarts the server). Readiness follows them within seconds.",
         ),
     ] = 120.0,
+    max_problem_chars: MaxProblemCharsOpt = ProblemLimits.max_problem_chars,
+    max_problem_tokens: MaxProblemTokensOpt = None,
+    grace_s: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="On SIGTERM/SIGINT, seconds live searches get to finish their current step "
+            "(checkpointed, resumed by another server); the process exits a few seconds after.",
+        ),
+    ] = 5.0,
+    max_queued_batch_items: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Most batch items queued or running in the store (all batches); SubmitBatch "
+            "beyond it is RESOURCE_EXHAUSTED.",
+        ),
+    ] = 200_000,
 ) -> None:
     """Serve the gRPC API: local Ray, model actors, the orchestrator and the state store."""
     from lodestar.services.app import serve as run
@@ -192,6 +257,11 @@ def serve(
 
     if log_format not in ("text", "json"):
         raise typer.BadParameter('"text" or "json"', param_hint="--log-format")
+    if (tls_cert is None) != (tls_key is None):
+        raise typer.BadParameter("give both or neither", param_hint="--tls-cert / --tls-key")
+    for path, hint in ((tls_cert, "--tls-cert"), (tls_key, "--tls-key")):
+        if path is not None and not path.is_file():
+            raise typer.BadParameter(f"no such file: {path}", param_hint=hint)
     configure_logging(log_format)  # type: ignore[arg-type]
     config = _runtime_config(
         policy,
@@ -211,7 +281,22 @@ def serve(
         metrics_port=metrics_port,
         redis_password=redis_password,
     )
-    config = dataclasses.replace(config, watch=WatchConfig(dead_after_s=dead_after_s))
+    health_address = f"{host}:{health_port}" if health_port is not None else None
+    server = dataclasses.replace(
+        config.server, tls_cert=tls_cert, tls_key=tls_key, health_address=health_address
+    )
+    server = dataclasses.replace(
+        server, grace_s=grace_s, max_queued_batch_items=max_queued_batch_items
+    )
+    config = dataclasses.replace(
+        config,
+        server=server,
+        metrics_host=metrics_host,
+        watch=WatchConfig(dead_after_s=dead_after_s),
+        limits=ProblemLimits(
+            max_problem_chars=max_problem_chars, max_problem_tokens=max_problem_tokens
+        ),
+    )
     asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 
 
@@ -281,14 +366,17 @@ def search(
     max_prm_passes: MaxPrmPassesOpt = None,
     timeout: Annotated[float | None, typer.Option(help="Deadline in seconds.")] = None,
     token: TokenOpt = None,
+    tls: TlsOpt = False,
+    ca: CaOpt = None,
 ) -> None:
     """Run a search on a server, showing its progress live."""
     from lodestar.services.client import run_search
 
     params = _search_params(algorithm, budget, param)
     caps = _caps(max_tokens, max_prm_passes)
+    secure = _client_tls(tls, ca)
     code = asyncio.run(
-        run_search(address, problem, algorithm, params, seed, caps, timeout, token, console)
+        run_search(address, problem, algorithm, params, seed, caps, timeout, token, console, secure)
     )
     raise typer.Exit(code)
 
@@ -322,12 +410,14 @@ def batch_submit(
     max_tokens: MaxTokensOpt = None,
     max_prm_passes: MaxPrmPassesOpt = None,
     token: TokenOpt = None,
+    tls: TlsOpt = False,
+    ca: CaOpt = None,
 ) -> None:
     """Solve every problem of a file on a server; re-run the same command to resume."""
     from lodestar.services.client import run_batch_file
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
-    code = asyncio.run(run_batch_file(address, token, job, console))
+    code = asyncio.run(run_batch_file(address, token, job, console, _client_tls(tls, ca)))
     raise typer.Exit(code)
 
 
@@ -396,7 +486,7 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
     return values
 
 
-ALL_ALGORITHMS = "greedy,best_of_n,weighted_best_of_n,self_consistency,beam,dvts,pf,epf,astar"
+ALL_ALGORITHMS = "greedy,best_of_n,weighted_best_of_n,self_consistency,beam,dvts,pf,epf,pg,astar"
 
 
 @app.command("eval")
@@ -533,11 +623,33 @@ def batch_status(
     batch_id: Annotated[str, typer.Argument(help="The batch id submit printed.")],
     address: AddressOpt = "127.0.0.1:50051",
     token: TokenOpt = None,
+    tls: TlsOpt = False,
+    ca: CaOpt = None,
 ) -> None:
     """How far a batch has got."""
+    _show_batch(batch_id, address, token, tls, ca, cancel=False)
+
+
+@batch_app.command("cancel")
+def batch_cancel(
+    batch_id: Annotated[str, typer.Argument(help="The batch id submit printed.")],
+    address: AddressOpt = "127.0.0.1:50051",
+    token: TokenOpt = None,
+    tls: TlsOpt = False,
+    ca: CaOpt = None,
+) -> None:
+    """Cancel a batch: its queued items never start, its running ones stop at their next step."""
+    _show_batch(batch_id, address, token, tls, ca, cancel=True)
+
+
+def _show_batch(
+    batch_id: str, address: str, token: str | None, tls: bool, ca: Path | None, cancel: bool
+) -> None:
     from lodestar.services.client import show_batch
 
-    raise typer.Exit(asyncio.run(show_batch(address, batch_id, token, console)))
+    secure = _client_tls(tls, ca)
+    code = asyncio.run(show_batch(address, batch_id, token, console, secure, cancel=cancel))
+    raise typer.Exit(code)
 
 
 def main() -> None:

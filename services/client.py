@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from rich.console import Console
 from rich.live import Live
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
 from lodestar.services.batch_files import (
+    BadLine,
     BatchLine,
     finished_lines,
     open_output,
@@ -26,6 +30,32 @@ from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
 
 CHANNEL_OPTIONS = ServerConfig().channel_options
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a client checks the server: plaintext (off), TLS against gRPC's default roots (its
+    bundled roots, or the file GRPC_DEFAULT_SSL_ROOTS_FILE_PATH names), or against a CA bundle."""
+
+    enabled: bool = False
+    ca: Path | None = None
+    """PEM bundle of the CAs to trust; implies TLS."""
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if self.ca is not None:
+            return grpc.ssl_channel_credentials(root_certificates=self.ca.read_bytes())
+        return grpc.ssl_channel_credentials() if self.enabled else None
+
+
+PLAINTEXT = ClientTLS()
+
+
+def open_channel(address: str, tls: ClientTLS = PLAINTEXT) -> grpc.aio.Channel:
+    """A channel to a Lodestar server, with its message limits; TLS when `tls` asks for it."""
+    credentials = tls.credentials()
+    if credentials is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 def params_to_wire(algorithm: str, params: dict[str, Any]) -> pb.AlgorithmParams:
@@ -85,6 +115,7 @@ async def run_search(
     timeout: float | None,
     token: str | None,
     console: Console,
+    tls: ClientTLS = PLAINTEXT,
 ) -> int:
     """Stream one search to the console; returns the process exit code (0 on success)."""
     try:
@@ -93,7 +124,7 @@ async def run_search(
         console.print(f"[red]invalid request[/red]: {e}")
         return 2
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(address, tls) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         try:
             with Live("submitting...", console=console, transient=True) as live:
@@ -142,11 +173,11 @@ class BatchFileJob:
 
 
 async def run_batch_file(
-    address: str, token: str | None, job: BatchFileJob, console: Console
+    address: str, token: str | None, job: BatchFileJob, console: Console, tls: ClientTLS = PLAINTEXT
 ) -> int:
     """`drive_batch_file` against a server."""
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(address, tls) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         return await drive_batch_file(stub, metadata, job, console)
 
@@ -157,7 +188,7 @@ async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console:
     `stub` is a SearchService stub: a channel's, or `LocalStub` over a service in this process.
     The batch id goes to `<output>.batch` first: a re-run attaches to that batch while the
     service still has it, else submits only the lines the output file lacks."""
-    problems, output, seed = job.problems, job.output, job.seed
+    problems, output = job.problems, job.output
     good, bad = read_problems(problems)
     for b in bad:
         console.print(f"[yellow]{problems}:{b.line}[/yellow]: {b.reason} (skipped)")
@@ -167,18 +198,17 @@ async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console:
         console.print(f"nothing to do: {len(done)} results already in {output}")
         return 0
     state = output.with_name(output.name + ".batch")
-    by_key = {str(b.line): b for b in todo}
     try:
         batch_id = await _attach(stub, state, metadata)
         if batch_id is None:
-            request = pb.SubmitBatchRequest(
-                items=[_item(b, seed) for b in todo],
-                params=params_to_wire(job.algorithm, job.params),
-                budget=pb.Budget(**job.budget),
-                seed=seed,
-            )
-            batch_id = (await stub.SubmitBatch(request, metadata=metadata)).batch_id
+            batch_id, refused = await _submit_servable(stub, metadata, job, todo)
+            for line, reason in refused:
+                console.print(f"[yellow]{problems}:{line.line}[/yellow]: {reason} (skipped)")
+                bad.append(BadLine(line.line, reason))
+            skipped = {r.line for r, _ in refused}
+            todo = [b for b in todo if b.line not in skipped]
             state.write_text(json.dumps({"batch_id": batch_id}))
+        by_key = {str(b.line): b for b in todo}
         console.print(f"batch {batch_id}: {len(todo)} to go, {len(done)} already done")
         counts: dict[str, int] = {}
         columns = (*Progress.get_default_columns(), MofNCompleteColumn())
@@ -207,6 +237,46 @@ async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console:
     return 0 if not by_key else 1
 
 
+async def _submit_servable(
+    stub: Any, metadata: Any, job: BatchFileJob, todo: list[BatchLine]
+) -> tuple[str, list[tuple[BatchLine, str]]]:
+    """Submit the lines; when the server refuses some items (INVALID_ARGUMENT listing them as
+    `items[i]` field violations), drop those and submit the rest once more. Returns the batch
+    id and the refused lines with the server's reasons."""
+    refused: list[tuple[BatchLine, str]] = []
+    for _ in range(2):
+        request = pb.SubmitBatchRequest(
+            items=[_item(b, job.seed) for b in todo],
+            params=params_to_wire(job.algorithm, job.params),
+            budget=pb.Budget(**job.budget),
+            seed=job.seed,
+        )
+        try:
+            return (await stub.SubmitBatch(request, metadata=metadata)).batch_id, refused
+        except grpc.aio.AioRpcError as e:
+            bad = refused_items(e)
+            if not bad or len(bad) >= len(todo):
+                raise
+            refused += [(todo[i], reason) for i, reason in bad.items()]
+            todo = [b for i, b in enumerate(todo) if i not in bad]
+    raise RuntimeError("the server refused items it had accepted before")
+
+
+def refused_items(error: grpc.aio.AioRpcError) -> dict[int, str]:
+    """Index -> reason of the batch items an INVALID_ARGUMENT names in its BadRequest details."""
+    if error.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+        return {}
+    status = rpc_status.from_call(error)
+    out: dict[int, str] = {}
+    for detail in status.details if status is not None else ():
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            for v in bad.field_violations:
+                if (m := re.match(r"items\[(\d+)\]", v.field)) is not None:
+                    out[int(m.group(1))] = f"{v.field}: {v.description}"
+    return out
+
+
 async def _attach(stub: Any, state: Path, metadata: Any) -> str | None:
     """The batch of an interrupted run, if the server still has it."""
     if not state.exists():
@@ -232,12 +302,27 @@ def _item(line: BatchLine, seed: int) -> pb.BatchItem:
     return pb.BatchItem(problem=problem, seed=item_seed, key=str(line.line))
 
 
-async def show_batch(address: str, batch_id: str, token: str | None, console: Console) -> int:
+async def show_batch(
+    address: str,
+    batch_id: str,
+    token: str | None,
+    console: Console,
+    tls: ClientTLS = PLAINTEXT,
+    *,
+    cancel: bool = False,
+) -> int:
+    """Print a batch's counts (`GetBatch`); with `cancel`, cancel its unfinished items first
+    (`CancelBatch`: queued ones never start, running ones stop at their next step)."""
     metadata = [("authorization", f"Bearer {token}")] if token else None
-    async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    async with open_channel(address, tls) as channel:
         stub = pb_grpc.SearchServiceStub(channel)
         try:
-            status = await stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id), metadata=metadata)
+            if cancel:
+                request = pb.CancelBatchRequest(batch_id=batch_id)
+                status = await stub.CancelBatch(request, metadata=metadata)
+            else:
+                request = pb.GetBatchRequest(batch_id=batch_id)
+                status = await stub.GetBatch(request, metadata=metadata)
         except grpc.aio.AioRpcError as e:
             console.print(f"[red]{e.code().name}[/red]: {e.details()}")
             return 1

@@ -20,6 +20,15 @@ class _Context:
         empty = grpc.aio.Metadata()
         raise grpc.aio.AioRpcError(code, empty, empty, details=details)
 
+    async def abort_with_status(self, status: grpc.Status) -> NoReturn:
+        trailing = grpc.aio.Metadata(*status.trailing_metadata)
+        raise grpc.aio.AioRpcError(
+            status.code, grpc.aio.Metadata(), trailing, details=status.details
+        )
+
+    def time_remaining(self) -> float | None:
+        return None
+
 
 class LocalStub:
     def __init__(self, service: SearchService) -> None:

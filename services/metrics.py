@@ -104,9 +104,11 @@ class Metrics:
                 self.cache_misses.labels(role=role).inc(max(0, stats["misses"] - misses0))
                 self._seen[key] = (stats["hits"], stats["misses"])
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """The /metrics endpoint, on its own thread."""
-        start_http_server(port, addr=addr, registry=self.registry)
+    def serve(self, port: int, host: str) -> Any:
+        """The /metrics endpoint on `host` only, on its own thread; returns the HTTP server
+        (`shutdown()` stops it)."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server
 
     def text(self) -> str:
         return generate_latest(self.registry).decode()

@@ -1,5 +1,5 @@
 """The gRPC front door: `lodestar.v1.SearchService` over an `Orchestrator`, plus health,
-reflection and optional bearer-token auth.
+reflection, optional bearer-token auth and optional TLS.
 
 The servicer translates and nothing more: wire -> `JobSpec` (validation stays in the algorithm
 registry), orchestrator errors -> status codes, records and events -> wire. A client that
@@ -17,15 +17,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
 
 from lodestar.orchestrator.algorithms.registry import ParamError
-from lodestar.orchestrator.batching import WorkersUnavailable
-from lodestar.orchestrator.driver import Orchestrator, Overloaded
+from lodestar.orchestrator.driver import ItemsRefused, Orchestrator, Overloaded
+from lodestar.orchestrator.errors import SearchError, client_message
 from lodestar.orchestrator.state_store import (
     BatchExists,
     BatchNotFound,
@@ -36,7 +40,7 @@ from lodestar.orchestrator.state_store import (
     JobStatus,
     StateStoreUnavailable,
 )
-from lodestar.orchestrator.state_store.base import check_search_id
+from lodestar.orchestrator.state_store.base import MAX_ID_CHARS, check_search_id
 from lodestar.services.convert import (
     batch_to_wire,
     params_from_wire,
@@ -49,6 +53,7 @@ from lodestar.services.convert import (
 )
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
+from lodestar.workers.messages import ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["SearchService"].full_name
 OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME)
 """Reachable without a token: probes and tooling must work on a locked-down server."""
 RECONCILE_AFTER_S = 5.0
+STOP_BOUND_S = 1.0
+"""After a drain, how long calls still open get before `stop` cuts them (replies in flight)."""
 """A batch stream that has waited this long with nothing arriving recounts the batch."""
 LIVENESS = "liveness"
 """Health name that is SERVING while the process answers, models loaded or not: a Kubernetes
@@ -73,10 +80,27 @@ class ServerConfig:
     """The most one search may generate; also the cap of a search that names none."""
     max_prm_passes: int = 100_000
     max_batch_items: int = 100_000
+    max_queued_batch_items: int = 200_000
+    """Most batch items unfinished (queued or running) over the whole store, all batches and
+    servers together; a SubmitBatch that would pass it is RESOURCE_EXHAUSTED. The default holds
+    two full batches; a queued item takes about 650 B of Redis plus its problem's text
+    (docs/service.md, "Batch limits")."""
     policy_model: str = "arith-policy"
     """The names this deployment answers to; a request naming another model is refused."""
     reward_model: str = "verifier"
     grace_s: float = 5.0
+    """On stop, how long live searches get to finish their current step (`Orchestrator.drain`);
+    the server is gone within grace_s + STOP_BOUND_S + 2 * DRAIN_BOUND_S."""
+    tls_cert: Path | None = None
+    """PEM certificate chain; with `tls_key` the port speaks TLS only (plaintext is refused)."""
+    tls_key: Path | None = None
+    health_address: str | None = None
+    """A second port serving grpc.health.v1 alone, in plaintext: Kubernetes' gRPC probes speak
+    no TLS. None: no such port."""
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
 
     @property
     def channel_options(self) -> list[tuple[str, int]]:
@@ -93,6 +117,46 @@ class _Refused(Exception):
         self.code = code
 
 
+STATUS_OF_KIND = {
+    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+"""The status code of each error kind: the only place a failure becomes a code."""
+
+
+MAX_VIOLATIONS = 1000
+"""Most refused batch items listed in one error's details (the message counts them all)."""
+
+
+def items_refused_status(error: ItemsRefused) -> grpc.Status:
+    """INVALID_ARGUMENT with a `google.rpc.BadRequest` naming each refused item's field."""
+    bad = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=field, description=client_message(message)
+            )
+            for field, message in error.violations[:MAX_VIOLATIONS]
+        ]
+    )
+    detail = any_pb2.Any()
+    detail.Pack(bad)
+    status = status_pb2.Status(
+        code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        message=client_message(str(error)),
+        details=[detail],
+    )
+    return rpc_status.to_status(status)
+
+
+async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """Every message leaves through here: short, one line, nothing of the machine in it."""
+    await context.abort(code, client_message(message))
+
+
 @contextlib.asynccontextmanager
 async def status_codes(context: grpc.aio.ServicerContext, what: str) -> AsyncIterator[None]:
     """Every failure of a handler leaves as the status code that fits; none crashes the server."""
@@ -103,20 +167,25 @@ async def status_codes(context: grpc.aio.ServicerContext, what: str) -> AsyncIte
     except grpc.aio.AbortError:
         raise
     except _Refused as e:
-        await context.abort(e.code, str(e))
+        await _abort(context, e.code, str(e))
+    except ItemsRefused as e:  # every bad item, as google.rpc.BadRequest details
+        await context.abort_with_status(items_refused_status(e))
     except ParamError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except Overloaded as e:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        await _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
     except (JobExists, BatchExists) as e:
-        await context.abort(grpc.StatusCode.ALREADY_EXISTS, str(e))
+        await _abort(context, grpc.StatusCode.ALREADY_EXISTS, str(e))
     except (JobNotFound, BatchNotFound) as e:
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-    except StateStoreUnavailable as e:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-    except Exception as e:
+        await _abort(context, grpc.StatusCode.NOT_FOUND, str(e))
+    except StateStoreUnavailable:
+        log.warning("%s: state store unavailable", what, exc_info=True)
+        await _abort(context, grpc.StatusCode.UNAVAILABLE, "the state store is unavailable")
+    except SearchError as e:
+        await _abort(context, STATUS_OF_KIND[e.kind], e.message)
+    except Exception:
         log.exception("%s failed", what)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{what}: {type(e).__name__}: {e}")
+        await _abort(context, grpc.StatusCode.INTERNAL, f"{what} failed on the server")
 
 
 class SearchService(pb_grpc.SearchServiceServicer):
@@ -130,7 +199,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResult:
         async with status_codes(context, "Search"):
             spec = self._spec(request)
-            await self._submit(spec)
+            await self._submit(spec, context.time_remaining())
             with self._cancel_on_disconnect(spec.search_id):
                 record = await self.orchestrator.wait(spec.search_id)
             return self._final(record)
@@ -140,7 +209,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     ) -> AsyncIterator[pb.SearchEvent]:
         async with status_codes(context, "StreamSearch"):
             spec = self._spec(request)
-            await self._submit(spec)
+            await self._submit(spec, context.time_remaining())
             with self._cancel_on_disconnect(spec.search_id):
                 async for event in self.store.follow(spec.search_id, wait_s=1.0):
                     if event.terminal:
@@ -163,8 +232,11 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def SubmitBatch(self, request: pb.SubmitBatchRequest, context: Any) -> pb.BatchStatus:
         async with status_codes(context, "SubmitBatch"):
             batch_id, settings, specs = self._batch(request)
+            await self._admit_batch(len(specs))
             try:
                 record = await self.orchestrator.submit_batch(batch_id, settings, specs)
+            except ItemsRefused:
+                raise
             except ParamError as e:
                 raise wire_path(e, settings["algorithm"], settings["params"]) from None
             return batch_to_wire(record)
@@ -175,6 +247,11 @@ class SearchService(pb_grpc.SearchServiceServicer):
             if record is None:
                 raise BatchNotFound(request.batch_id)
             return batch_to_wire(record)
+
+    async def CancelBatch(self, request: pb.CancelBatchRequest, context: Any) -> pb.BatchStatus:
+        async with status_codes(context, "CancelBatch"):
+            batch_id = _checked_id(request.batch_id, "batch_id")
+            return batch_to_wire(await self.orchestrator.cancel_batch(batch_id))
 
     async def StreamBatchResults(
         self, request: pb.StreamBatchResultsRequest, context: Any
@@ -220,10 +297,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
         batch_id = request.batch_id or f"b-{uuid.uuid4().hex}"
         if len(batch_id) > 100:
             raise ParamError("batch_id", "at most 100 characters")
-        try:
-            check_search_id(batch_id)
-        except ValueError as e:
-            raise ParamError("batch_id", str(e)) from None
+        _checked_id(batch_id, "batch_id")
         algorithm, params = params_from_wire(request.params)
         budget = self._budget(set_fields(request.budget))
         specs = []
@@ -252,20 +326,31 @@ class SearchService(pb_grpc.SearchServiceServicer):
         if request.reward_model and request.reward_model != c.reward_model:
             raise ParamError("reward_model", f"this server serves {c.reward_model!r}")
         search_id = request.search_id or f"s-{uuid.uuid4().hex}"
-        try:
-            check_search_id(search_id)
-        except ValueError as e:
-            raise ParamError("search_id", str(e)) from None
+        _checked_id(search_id, "search_id")
         problem = problem_from_wire(request.problem)
         algorithm, params = params_from_wire(request.params)
         budget = self._budget(set_fields(request.budget))
         return JobSpec(search_id, algorithm, params, problem, request.seed, budget)
 
-    async def _submit(self, spec: JobSpec) -> None:
+    async def _submit(self, spec: JobSpec, timeout_s: float | None = None) -> None:
+        """Store and start the search; a client's deadline becomes the search's own."""
         try:
-            await self.orchestrator.submit(spec)
+            await self.orchestrator.submit(spec, timeout_s)
         except ParamError as e:  # the registry's paths (`params.n`) as the wire's (`params.pf.n`)
             raise wire_path(e, spec.algorithm, spec.params) from None
+
+    async def _admit_batch(self, size: int) -> None:
+        """RESOURCE_EXHAUSTED when `size` more items would pass `max_queued_batch_items`: the
+        store holds every queued item as a job, and orchestrators start them only as slots free,
+        so the queue, not the workers, is what a flood of batches fills."""
+        limit = self.config.max_queued_batch_items
+        queued = await self.store.open_batch_items()
+        if queued + size > limit:
+            message = (
+                f"items: {queued} batch items are queued or running on this service, the most "
+                f"is {limit}; retry this batch of {size} later or split it"
+            )
+            raise _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
     def _budget(self, asked: dict[str, int]) -> dict[str, int]:
         caps = {
@@ -278,24 +363,24 @@ class SearchService(pb_grpc.SearchServiceServicer):
         return {**caps, **asked}
 
     async def _record(self, search_id: str) -> JobRecord:
-        if not search_id:
-            raise ParamError("search_id", "must not be empty")
+        _checked_id(search_id, "search_id")
         record = await self.store.get_job(search_id)
         if record is None:
             raise JobNotFound(search_id)
         return record
 
     def _final(self, record: JobRecord) -> pb.SearchResult:
+        """The result of a finished search, or its failure as the status its kind maps to."""
         if record.status is JobStatus.SUCCEEDED and record.result is not None:
             return result_to_wire(record.result, record)
         if record.status is JobStatus.CANCELLED:
+            if record.error_kind is ErrorKind.DEADLINE_EXCEEDED:
+                message = f"search {record.search_id} ran past its deadline"
+                raise _Refused(grpc.StatusCode.DEADLINE_EXCEEDED, message)
             raise _Refused(grpc.StatusCode.CANCELLED, f"search {record.search_id} was cancelled")
-        if (record.error or "").startswith(WorkersUnavailable.__name__):
-            message = f"search {record.search_id} failed: {record.error}"
-            raise _Refused(grpc.StatusCode.UNAVAILABLE, message)
-        raise _Refused(
-            grpc.StatusCode.INTERNAL, f"search {record.search_id} failed: {record.error}"
-        )
+        kind = record.error_kind or ErrorKind.INTERNAL
+        message = f"search {record.search_id} failed: {record.error or kind.value}"
+        raise _Refused(STATUS_OF_KIND[kind], message)
 
     @contextlib.contextmanager
     def _cancel_on_disconnect(self, search_id: str) -> Iterator[None]:
@@ -303,6 +388,8 @@ class SearchService(pb_grpc.SearchServiceServicer):
         try:
             yield
         except asyncio.CancelledError:
+            if self.orchestrator.draining:  # the server is going, not the client: resumable
+                raise
             log.info(
                 "search %s: client gone, cancelling", search_id, extra={"search_id": search_id}
             )
@@ -312,9 +399,17 @@ class SearchService(pb_grpc.SearchServiceServicer):
 
 
 def _required(value: str, field: str) -> str:
+    return _checked_id(value, field)
+
+
+def _checked_id(value: str, field: str) -> str:
+    """A search or batch id as the store takes it; a malformed one is the client's error."""
     if not value:
         raise ParamError(field, "must not be empty")
-    return value
+    try:
+        return check_search_id(value)
+    except ValueError:
+        raise ParamError(field, f"must be 1-{MAX_ID_CHARS} of A-Z a-z 0-9 . _ : -") from None
 
 
 class BearerAuth(grpc.aio.ServerInterceptor):
@@ -338,6 +433,56 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return _refusal(handler)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message of its type."""
+
+
+UNDECODABLE_MESSAGE = "request: not a valid message of this RPC's type (strings must be UTF-8)"
+
+
+class DecodeRequests(grpc.aio.ServerInterceptor):
+    """INVALID_ARGUMENT for a request that does not decode (e.g. a string that is not UTF-8),
+    where grpc would answer UNKNOWN with its own text."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        decode = handler.request_deserializer
+
+        def deserializer(data: bytes) -> Any:
+            try:
+                return decode(data)
+            except Exception:
+                return _Undecodable()
+
+        codec = dict(
+            request_deserializer=deserializer, response_serializer=handler.response_serializer
+        )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(stream, **codec)
+        inner_unary = handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE)
+            return await inner_unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **codec)
+
+
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
 
@@ -359,11 +504,13 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
 class LodestarServer:
     """The grpc.aio server: NOT_SERVING until `set_serving()` (workers ready), then SERVING while
-    the watchdog (services/watchdog.py) sees the workers answer."""
+    the watchdog (services/watchdog.py) sees the workers and the state store answer."""
 
     def __init__(self, orchestrator: Orchestrator, config: ServerConfig | None = None) -> None:
         self.config = config = config or ServerConfig()
-        interceptors = [BearerAuth(config.auth_token)] if config.auth_token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeRequests()]
+        if config.auth_token:
+            interceptors.insert(0, BearerAuth(config.auth_token))
         self.server = grpc.aio.server(interceptors=interceptors, options=config.channel_options)
         self.service = SearchService(orchestrator, config)
         pb_grpc.add_SearchServiceServicer_to_server(self.service, self.server)
@@ -371,15 +518,33 @@ class LodestarServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE, *OPEN_SERVICES), self.server)
         self.port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        """The plaintext health-only server on `health_address` (same statuses as the main one)."""
+        self.health_port: int | None = None
+        if config.health_address:
+            self.health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
 
     async def start(self) -> int:
         """Bind and start; returns the port (useful with an address ending in :0)."""
-        self.port = self.server.add_insecure_port(self.config.address)
+        c = self.config
+        if c.tls_cert is not None and c.tls_key is not None:
+            pair = (c.tls_key.read_bytes(), c.tls_cert.read_bytes())
+            credentials = grpc.ssl_server_credentials([pair])
+            self.port = self.server.add_secure_port(c.address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(c.address)
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.address}")
+            raise RuntimeError(f"could not bind {c.address}")
+        if self.health_server is not None and c.health_address:
+            self.health_port = self.health_server.add_insecure_port(c.health_address)
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind {c.health_address}")
         await self.set_serving(False)
         await self.set_live(True)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         return self.port
 
     async def set_serving(self, serving: bool = True) -> None:
@@ -394,6 +559,14 @@ class LodestarServer:
         await self.health.set(LIVENESS, S.SERVING if live else S.NOT_SERVING)
 
     async def stop(self) -> None:
+        """Shut down without losing work: readiness NOT_SERVING and new searches and batches
+        refused (UNAVAILABLE) at once; live searches stop after their current step, checkpointed
+        and handed back for another server to resume (`Orchestrator.drain`, at most `grace_s`
+        for a step), their callers answered UNAVAILABLE; then the calls still open (streams,
+        searches followed from elsewhere) get STOP_BOUND_S before they are cut."""
         await self.set_serving(False)
+        await self.service.orchestrator.drain(self.config.grace_s)
         await self.set_live(False)
-        await self.server.stop(self.config.grace_s)
+        await self.server.stop(STOP_BOUND_S)
+        if self.health_server is not None:  # probes see NOT_SERVING through the grace period
+            await self.health_server.stop(None)

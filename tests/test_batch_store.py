@@ -31,6 +31,7 @@ from lodestar.orchestrator.state_store import (
 from lodestar.orchestrator.state_store.redis_keys import BatchKeys
 from lodestar.orchestrator.state_store.redis_store import RedisStateStore, RedisStoreConfig
 from lodestar.services.local_redis import LocalRedis
+from lodestar.workers.messages import ErrorKind
 from tests.redis_server import new_redis_server
 from tests.store_backends import Backend
 from tests.test_state_store import redis_config, spec
@@ -219,6 +220,75 @@ def test_reconcile_batch_counts_items_whose_batch_step_was_lost(backend: Backend
     backend.run(body)
 
 
+# -- cancelling, and what is left open ---------------------------------------------------------
+
+EVENT = b'{"status": "cancelled"}'
+"""The terminal event a cancelled item's log ends with (the orchestrator's, opaque here)."""
+
+
+def test_cancel_batch_finishes_queued_items_and_flags_running_ones(backend: Backend) -> None:
+    async def body(store: StateStore) -> None:
+        await store.create_batch("cx", SETTINGS, items("cx", 5))
+        await store.claim_job("cx-1", "orch-a", 30)  # running on some orchestrator
+        await finish(store, "cx-2", JobStatus.SUCCEEDED)
+        await store.claim_job("cx-4", "orch-a", 30)
+        await store._update_job_only("cx-4", status=JobStatus.FAILED)  # type: ignore[attr-defined]
+        await store.create_job(spec("lone"))
+
+        record = await store.cancel_batch("cx", EVENT)
+        assert record == await store.get_batch("cx")
+        assert record.counts == {"succeeded": 1, "failed": 1, "cancelled": 2} and not record.done
+        for i in (0, 3):  # queued: finished now, so no orchestrator ever starts them
+            job = await store.get_job(f"cx-{i}")
+            assert job.status is JobStatus.CANCELLED and job.owner is None
+            assert (job.error, job.error_kind) == ("cancelled", ErrorKind.CANCELLED)
+            events = await store.read_events(f"cx-{i}")
+            assert [(e.offset, e.data, e.terminal) for e in events] == [(1, EVENT, True)]
+        running = await store.get_job("cx-1")
+        assert running.status is JobStatus.RUNNING and await store.is_cancelled("cx-1")
+        assert (await store.get_job("cx-2")).status is JobStatus.SUCCEEDED
+        assert not await store.is_cancelled("cx-2") and not await store.is_cancelled("lone")
+        assert [job.search_id for job in await store.list_unfinished()] == ["cx-1", "lone"]
+        assert [job.search_id for job in await store.claim_orphans("orch-b", 30)] == ["lone"]
+
+        assert await store.cancel_batch("cx", EVENT) == record  # idempotent
+        assert len(await store.read_events("cx-0")) == 1
+        await store.update_job("cx-1", status=JobStatus.CANCELLED)  # its orchestrator stops it
+        done = await store.get_batch("cx")
+        assert done.done and done.counts == {"succeeded": 1, "failed": 1, "cancelled": 3}
+        results = sorted((r.index, r.status) for r in await store.read_batch_results("cx"))
+        C, S, F = JobStatus.CANCELLED, JobStatus.SUCCEEDED, JobStatus.FAILED
+        assert results == [(0, C), (1, C), (2, S), (3, C), (4, F)]
+        with pytest.raises(BatchNotFound, match="'ghost'"):
+            await store.cancel_batch("ghost", EVENT)
+
+    backend.run(body)
+
+
+def test_open_batch_items_count_the_unfinished_items_of_every_batch(backend: Backend) -> None:
+    async def body(store: StateStore) -> None:
+        assert await store.open_batch_items() == 0
+        await store.create_batch("oa", SETTINGS, items("oa", 3))
+        await store.create_batch("ob", SETTINGS, items("ob", 2))
+        await store.create_job(spec("lone"))  # not a batch item
+        assert await store.open_batch_items() == 5
+        await store.claim_job("oa-0", "orch-a", 30)  # running still counts
+        assert await store.open_batch_items() == 5
+        await finish(store, "oa-1", JobStatus.SUCCEEDED)
+        assert await store.open_batch_items() == 4
+        await store.cancel_batch("ob", EVENT)
+        assert await store.open_batch_items() == 2
+        taken = [*items("oc", 2), spec("lone", batch_id="oc", batch_index=2)]
+        with pytest.raises(JobExists):
+            await store.create_batch("oc", SETTINGS, taken)
+        assert await store.open_batch_items() == 2  # a refused batch adds nothing
+        for search_id in ("oa-0", "oa-2"):
+            await finish(store, search_id, JobStatus.FAILED)
+        assert await store.open_batch_items() == 0
+
+    backend.run(body)
+
+
 # -- reading results --------------------------------------------------------------------------
 
 
@@ -334,6 +404,41 @@ def test_redis_creates_a_thousand_item_batch_in_pipelined_chunks(
     print(f"\ncreate_batch (1,000 items, loopback): {elapsed * 1e3:.0f} ms")
 
 
+def test_redis_cancels_a_thousand_item_batch_and_every_cancelled_key_expires(
+    redis_server: LocalRedis,
+) -> None:
+    """Pipelined like create_batch (printed for the record, -s); the queued items' keys all get
+    the finished TTL and only the running items get a cancel flag: nothing is left behind."""
+    specs = items("huge", 1000)
+
+    async def main() -> float:
+        async with RedisStateStore(redis_config(redis_server, finished_ttl_s=60)) as store:
+            await store.create_batch("huge", SETTINGS, specs)
+            for i in range(10):
+                await store.claim_job(f"huge-{i}", "orch-a", 30)
+            assert await store.open_batch_items() == 1000
+            started = time.perf_counter()
+            record = await store.cancel_batch("huge", EVENT)
+            elapsed = time.perf_counter() - started
+            assert record.counts == ZERO | {"cancelled": 990} and not record.done
+            assert await store.open_batch_items() == 10
+            assert len(await store.read_batch_results("huge", limit=1000)) == 990
+            assert sorted(j.search_id for j in await store.list_unfinished()) == sorted(
+                f"huge-{i}" for i in range(10)
+            )
+            return elapsed
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+        elapsed = asyncio.run(main())
+        flags = sorted(k.decode() for k in client.keys("lodestar:{huge-*}:cancel"))
+        assert flags == sorted(f"lodestar:{{huge-{i}}}:cancel" for i in range(10))
+        for i in (10, 500, 999):  # a cancelled queued item: job and event log, both expiring
+            keys = [f"lodestar:{{huge-{i}}}:{k}" for k in ("job", "events")]
+            assert all(0 < client.pttl(k) <= 60_000 for k in keys), i
+    print(f"\ncancel_batch (1,000 items, 990 queued, loopback): {elapsed * 1e3:.0f} ms")
+
+
 def test_redis_create_batch_rolls_back_when_a_job_appears_under_it(
     redis_server: LocalRedis,
 ) -> None:
@@ -381,6 +486,8 @@ def test_redis_batch_calls_raise_unavailable_in_an_outage() -> None:
                 "get_batch": lambda: store.get_batch("o"),
                 "read_batch_results": lambda: store.read_batch_results("o", wait_s=1.0),
                 "reconcile_batch": lambda: store.reconcile_batch("o"),
+                "cancel_batch": lambda: store.cancel_batch("o", EVENT),
+                "open_batch_items": lambda: store.open_batch_items(),
                 "update_job": lambda: store.update_job("o-0", status=JobStatus.CANCELLED),
             }
             for name, call in calls.items():

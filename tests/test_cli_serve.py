@@ -7,14 +7,16 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from lodestar.services.local_redis import LocalRedis
+from lodestar.services.local_redis import LocalRedis, free_port
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
 
 LODESTAR = [sys.executable, "-m", "lodestar.services.cli"]
@@ -46,7 +48,8 @@ def stop(server: subprocess.Popen[bytes]) -> int:
 
 def test_serve_then_search_prints_the_answer_and_serve_stops_cleanly(tmp_path: Path) -> None:
     log = tmp_path / "serve.log"
-    server, address = start_server(log)
+    metrics_port = free_port()
+    server, address = start_server(log, "--metrics-port", str(metrics_port))
     try:
         search = subprocess.run(
             [*LODESTAR, "search", "(7+5)*3", "--address", address, "-n", "4"],
@@ -63,6 +66,12 @@ def test_serve_then_search_prints_the_answer_and_serve_stops_cleanly(tmp_path: P
             timeout=120,
         )
         assert bad.returncode == 1 and "INVALID_ARGUMENT: params.pf.n" in bad.stdout
+        # /metrics binds the gRPC --host (127.0.0.1 by default), not every address
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(metrics, timeout=10) as reply:
+            assert 'lodestar_searches_finished_total{state="succeeded"}' in reply.read().decode()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.2", metrics_port), timeout=5).close()
     finally:
         code = stop(server)
     assert code == 0, log.read_text()
@@ -175,3 +184,140 @@ def test_joining_a_cluster_retries_a_refused_connection_and_a_local_ray_does_not
     with pytest.raises(ConnectionAbortedError):
         asyncio.run(connect_ray("local", attempts=3, wait_s=0))
     assert calls == ["local"]
+
+
+def test_sigterm_under_load_exits_within_the_grace_and_another_server_finishes_the_searches(
+    tmp_path: Path, redis_server: LocalRedis
+) -> None:
+    """A busy `lodestar serve` on a private Redis gets SIGTERM: it answers its open searches
+    UNAVAILABLE and exits within --grace-s plus a few seconds, leaving them checkpointed,
+    uncancelled and with their leases handed back; a second server on the same Redis finishes
+    them, and a batch that never started, with the results of an undisturbed run. On the way,
+    `lodestar batch cancel` ends a queued batch at once."""
+    from typing import Any
+
+    import grpc
+
+    from lodestar.orchestrator.state_store import JobStatus, open_state_store
+    from lodestar.v1 import search_pb2 as pb
+    from lodestar.v1 import search_pb2_grpc as pb_grpc
+    from tests.runtime_parts import assert_same_results, comparable
+    from tests.test_distributed import reference
+
+    redis_server.restart()
+    grace_s = 3.0
+    serve_args = ("--redis", redis_server.url, "--grace-s", str(grace_s), "--max-live", "4")
+    long = [p.expression for p in generate_problems("test", 4, Difficulty(ops=5), seed=21)]
+    problems = long + [p.expression for p in generate_problems("test", 10, Difficulty(ops=3))]
+    lone_ids = [f"lone-{i}" for i in range(4)]
+    work_ids = [f"work.{i:06d}" for i in range(6)]
+
+    def batch(batch_id: str, texts: list[str], n: int) -> pb.SubmitBatchRequest:
+        return pb.SubmitBatchRequest(
+            batch_id=batch_id,
+            items=[
+                pb.BatchItem(problem=pb.Problem(text=t), key=str(i)) for i, t in enumerate(texts)
+            ],
+            params=pb.AlgorithmParams(pf=pb.ParticleFilterParams(n=n)),
+            seed=100,
+        )
+
+    log = tmp_path / "serve.log"
+    server, address = start_server(log, *serve_args)
+
+    async def load_then_sigterm() -> tuple[list[Any], float, str, list[Any], list[bool]]:
+        async with (
+            grpc.aio.insecure_channel(address) as channel,
+            open_state_store(redis_server.url) as store,
+        ):
+            stub = pb_grpc.SearchServiceStub(channel)
+            calls = [
+                asyncio.ensure_future(
+                    stub.Search(
+                        pb.SearchRequest(
+                            search_id=search_id,
+                            problem=pb.Problem(text=problems[i]),
+                            params=pb.AlgorithmParams(pf=pb.ParticleFilterParams(n=32)),
+                            seed=i,
+                        )
+                    )
+                )
+                for i, search_id in enumerate(lone_ids)
+            ]
+            await stub.SubmitBatch(batch("work", problems[4:10], 8))  # queued: 4 slots taken
+            await stub.SubmitBatch(batch("ballast", problems[10:], 8))
+            cancel = await asyncio.to_thread(
+                subprocess.run,
+                [*LODESTAR, "batch", "cancel", "ballast", "--address", address],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + 60
+            for search_id in lone_ids:
+                while await store.load_checkpoint(search_id) is None:
+                    assert time.monotonic() < deadline, log.read_text()
+                    await asyncio.sleep(0.05)
+            sent = time.monotonic()
+            server.send_signal(signal.SIGTERM)
+            while server.poll() is None and time.monotonic() - sent < 60:
+                await asyncio.sleep(0.02)
+            exit_s = time.monotonic() - sent
+            answers = []
+            for call in calls:
+                try:
+                    answers.append(await call)
+                except grpc.aio.AioRpcError as e:
+                    answers.append((e.code(), e.details()))
+            jobs = [await store.get_job(i) for i in [*lone_ids, *work_ids]]
+            flags = [await store.is_cancelled(i) for i in [*lone_ids, *work_ids]]
+            jobs.append(time.time())  # when the leases were read
+        return answers, exit_s, cancel.stdout + cancel.stderr, jobs, flags
+
+    try:
+        answers, exit_s, cancel_out, jobs, flags = asyncio.run(load_then_sigterm())
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    print(f"\nSIGTERM to exit under load: {exit_s:.2f} s (--grace-s {grace_s})")
+    assert server.returncode == 0, log.read_text()
+    assert exit_s < grace_s + 6.0, f"{exit_s:.1f} s from SIGTERM to exit"
+    assert "batch ballast: 4/4 finished (0 succeeded, 0 failed, 4 cancelled) - done" in cancel_out
+    read_at = jobs.pop()
+    for answer, job in zip(answers, jobs[:4], strict=True):
+        if job.status is JobStatus.SUCCEEDED:  # its last step was the one the drain waited for
+            assert isinstance(answer, pb.SearchResult) and answer.search_id == job.search_id
+        else:
+            assert answer[0] is grpc.StatusCode.UNAVAILABLE and "resumes it" in answer[1], answer
+    for job in jobs:  # stopped mid-search with the lease handed back, or never started
+        if job.status is JobStatus.RUNNING:
+            assert job.lease_expires_at < read_at + 1, job  # not the 15 s a renewal gives
+        else:
+            assert job.status in (JobStatus.QUEUED, JobStatus.SUCCEEDED), job
+    statuses = [j.status for j in jobs]
+    assert statuses[:4].count(JobStatus.RUNNING) >= 2, "too late to test"
+    assert statuses[4:].count(JobStatus.QUEUED) >= 2, "too late to test"
+    assert not any(flags)
+
+    server, address = start_server(tmp_path / "resume.log", *serve_args)
+
+    async def finish_elsewhere() -> list[Any]:
+        async with open_state_store(redis_server.url) as store:
+            deadline = time.monotonic() + 240
+            records = []
+            for search_id in [*lone_ids, *work_ids]:
+                while not (record := await store.get_job(search_id)).status.finished:
+                    assert time.monotonic() < deadline, f"{search_id} never finished"
+                    await asyncio.sleep(0.1)
+                records.append(record)
+            assert (await store.get_batch("work")).done
+            return records
+
+    try:
+        records = asyncio.run(finish_elsewhere())
+    finally:
+        assert stop(server) == 0
+    assert all(r.status is JobStatus.SUCCEEDED for r in records), [r.error for r in records]
+    got = [comparable(r.result) for r in records]
+    assert_same_results(got, reference([r.spec for r in records]))

@@ -26,6 +26,7 @@ from lodestar.orchestrator.state_store import (
 from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
 from lodestar.services.local_redis import LocalRedis
 from lodestar.workers.factory import ModelConfig
+from lodestar.workers.messages import ErrorKind
 from tests.orchestrator_process import LEASE
 from tests.runtime_parts import (
     Paced,
@@ -248,7 +249,8 @@ def test_a_worker_that_stays_dead_fails_its_searches_as_workers_unavailable(ray_
     records = kill_policy_actor_mid_search(config, specs, 60)
     for record in records:
         assert record.status is JobStatus.FAILED
-        assert record.error.startswith("WorkersUnavailable: policy worker unavailable")
+        assert record.error_kind is ErrorKind.UNAVAILABLE
+        assert record.error == "policy worker unavailable"  # no actor id, host or traceback
 
 
 def test_health_follows_the_workers_and_their_probe_never_waits_behind_a_batch(
@@ -316,3 +318,148 @@ def test_health_follows_the_workers_and_their_probe_never_waits_behind_a_batch(
     assert before == (S.SERVING, S.SERVING)
     assert not_ready < watch.interval_s + watch.timeout_s + 2.0  # the next probe or two
     assert not_live >= not_ready + watch.dead_after_s - watch.interval_s
+
+
+def test_readiness_follows_the_state_store_and_liveness_does_not(ray_cluster) -> None:
+    """A real server on a real private Redis, real actors, a real gRPC health client. Redis
+    paused (SIGSTOP): readiness NOT_SERVING within a probe interval + its timeout; resumed:
+    SERVING again. Killed, then restarted on the same port: the same. Liveness stays SERVING
+    throughout, though the store is down far longer than `dead_after_s` (restarting the gateway
+    would not bring Redis back)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from lodestar.services.server import LIVENESS, SERVICE, LodestarServer, ServerConfig
+    from lodestar.services.watchdog import WatchConfig, watch_workers
+    from tests.redis_server import new_redis_server
+
+    S = health_pb2.HealthCheckResponse
+    watch = WatchConfig(interval_s=0.2, timeout_s=1.0, dead_after_s=0.5)
+
+    async def readiness(stub: Any) -> int:
+        """Both readiness names agree (read again while the watchdog is between setting one and
+        the other); liveness is SERVING whenever asked."""
+        ask = [health_pb2.HealthCheckRequest(service=name) for name in ("", SERVICE, LIVENESS)]
+        for _ in range(20):
+            overall, service, live = [(await stub.Check(r, timeout=5)).status for r in ask]
+            assert live == S.SERVING, "liveness followed the store"
+            if overall == service:
+                return overall
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"readiness names disagree: {overall} vs {service}")
+
+    async def turned(stub: Any, want: int) -> float:
+        since = time.monotonic()
+        while await readiness(stub) != want:
+            assert time.monotonic() - since < 20, f"readiness never turned {want}"
+            await asyncio.sleep(0.05)
+        return time.monotonic() - since
+
+    async def main(redis: LocalRedis) -> dict[str, float]:
+        pool = RayWorkerPool(PoolConfig(combined=True, threads=1))
+        try:
+            await pool.ready()
+            async with open_state_store(redis.url) as store:
+                orchestrator = Orchestrator(store, pool)
+                server = LodestarServer(orchestrator, ServerConfig(address="127.0.0.1:0"))
+                port = await server.start()
+                await server.set_serving()
+                task = asyncio.create_task(watch_workers(pool, server, watch, store=store))
+                took: dict[str, float] = {}
+                try:
+                    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                        stub = health_pb2_grpc.HealthStub(channel)
+                        await asyncio.sleep(3 * watch.interval_s)  # healthy rounds
+                        assert await readiness(stub) == S.SERVING
+                        redis.pause()
+                        took["paused"] = await turned(stub, S.NOT_SERVING)
+                        await asyncio.sleep(4 * watch.dead_after_s)  # still down; still live
+                        assert await readiness(stub) == S.NOT_SERVING
+                        redis.resume()
+                        took["resumed"] = await turned(stub, S.SERVING)
+                        redis.stop()
+                        took["stopped"] = await turned(stub, S.NOT_SERVING)
+                        await asyncio.sleep(4 * watch.dead_after_s)
+                        redis.start()  # same port, empty
+                        took["restarted"] = await turned(stub, S.SERVING)
+                finally:
+                    task.cancel()
+                    await server.stop()
+                    await orchestrator.close()
+            return took
+        finally:
+            pool.shutdown()
+
+    with new_redis_server() as redis:
+        took = asyncio.run(main(redis))
+    bound = watch.interval_s + watch.timeout_s + 1.0  # the next probe, its timeout, slack
+    assert all(seconds < bound for seconds in took.values()), took
+    print(f"\nreadiness turned after {took}")
+
+
+def test_on_ray_actors_a_bad_request_fails_only_its_own_search(ray_cluster) -> None:
+    """The verifier's per-request outcome crosses the actor boundary: one search whose problem
+    is not arithmetic (no submit-time check here) shares the actors' batches with good ones."""
+    specs = problem_specs(8, "ray-good")
+    bad = JobSpec("ray-bad", "pf", {"n": 4}, "hello world SECRET-OF-TENANT-B", seed=0)
+
+    async def main() -> list[Any]:
+        pool = RayWorkerPool(PoolConfig(threads=1, max_wait_s=0.02))
+        try:
+            await pool.ready()
+            async with open_state_store("memory://") as store:
+                orch = Orchestrator(store, pool)
+                for spec in [*specs[:4], bad, *specs[4:]]:
+                    await orch.submit(spec)
+                records = [await orch.wait(s.search_id) for s in [*specs, bad]]
+                await orch.close()
+            return records
+        finally:
+            pool.shutdown()
+
+    *good, failed = asyncio.run(main())
+    assert_same_results([comparable(r.result) for r in good], reference(specs))
+    assert failed.status is JobStatus.FAILED and failed.error_kind is ErrorKind.INVALID_INPUT
+    assert "SECRET" not in failed.error and "ray-good" not in failed.error
+
+
+def test_releasing_caches_and_closing_never_wait_behind_a_busy_actor(ray_cluster) -> None:
+    """The cause of a slow shutdown: an actor runs model calls one at a time, so a cache drop
+    sent while it is busy runs only after that call. Nothing waits for it: with the only actor
+    held by a 4096-request call (seconds), releasing a search and closing an orchestrator whose
+    search is stuck behind the call both return at once, the search left resumable."""
+    import ray
+
+    from lodestar.workers.messages import ExtendRequest
+
+    async def main() -> tuple[float, float, bool, Any]:
+        pool = RayWorkerPool(PoolConfig(combined=True, threads=1))
+        try:
+            await pool.ready()
+            actor = pool.members[0].handle
+            async with open_state_store("memory://") as store:
+                orch = Orchestrator(store, pool)
+                (spec,) = problem_specs(1, "behind", ops=3, params={"n": 8})
+                await orch.submit(spec)
+                await wait_for_checkpoints(store, [spec])
+                prompt = "(9+8)*7-6*5"
+                batch = [ExtendRequest(f"busy-{i}", None, prompt, (), i) for i in range(4096)]
+                busy = actor.extend.remote(batch)
+                await asyncio.sleep(0.5)  # the search's next call is queued behind it now
+                pool.scope("held")
+                started = time.monotonic()
+                await pool.release("held")
+                release_s = time.monotonic() - started
+                started = time.monotonic()
+                await orch.close()
+                close_s = time.monotonic() - started
+                still_busy = not ray.wait([busy], timeout=0)[0]
+                record = await store.get_job(spec.search_id)
+            return release_s, close_s, still_busy, record
+        finally:
+            pool.shutdown()
+
+    release_s, close_s, still_busy, record = asyncio.run(main())
+    assert release_s < 0.5 and close_s < 2.0, (release_s, close_s)
+    assert still_busy, "the busy call ended first: make it longer"
+    assert record.status is JobStatus.RUNNING and record.owner is not None

@@ -5,6 +5,7 @@ tested in test_distributed.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig, result_to_json
 from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
 from lodestar.orchestrator.state_store import JobSpec, JobStatus, StateStore, open_state_store
@@ -22,7 +23,7 @@ from lodestar.services.metrics import Metrics
 from lodestar.services.server import LIVENESS, SERVICE, LodestarServer, ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
-from tests.runtime_parts import Paced, shipped_workers
+from tests.runtime_parts import Paced, assert_same_results, comparable, shipped_workers
 
 Code = grpc.StatusCode
 Client = Callable[[pb_grpc.SearchServiceStub, grpc.aio.Channel, LodestarServer], Awaitable[Any]]
@@ -158,6 +159,66 @@ def test_cancel_mid_stream_ends_the_stream_cancelled(models) -> None:
     assert first.progress.step == 1
     assert status.state in (pb.SEARCH_STATE_RUNNING, pb.SEARCH_STATE_CANCELLED)
     assert code is Code.CANCELLED and state == pb.SEARCH_STATE_CANCELLED
+
+
+def test_1000_concurrent_streams_on_redis_all_end_with_their_result(models, redis_server) -> None:
+    """A stream follows its search's events through the store's shared stream readers, not a
+    blocking connection of its own: 1,000 StreamSearch calls at once on Redis (max_live 64, so
+    most wait queued, their followers parked) all end with their result, none UNAVAILABLE. With
+    a connection per follower (64 of them) 683 of these 1,000 were UNAVAILABLE."""
+    import redis
+
+    from lodestar.tasks.arithmetic import Difficulty, generate_problems
+
+    streams, channels = 1000, 8  # 125 concurrent streams per channel
+    texts = [p.expression for p in generate_problems("test", 50, Difficulty(ops=2), seed=5)]
+    greedy = pb.AlgorithmParams(greedy=pb.GreedyParams(max_steps=1, max_step_tokens=4))
+
+    async def client(stub, channel, server) -> tuple[list[Any], dict[str, int], float]:
+        orchestrator = server.service.orchestrator
+        peak = {"accepted": 0, "redis_clients": 0}
+
+        async def sample(info: redis.Redis) -> None:
+            while True:
+                peak["accepted"] = max(peak["accepted"], orchestrator.accepted)
+                clients = int(info.info("clients")["connected_clients"])
+                peak["redis_clients"] = max(peak["redis_clients"], clients)
+                await asyncio.sleep(0.05)
+
+        async def one(stub: pb_grpc.SearchServiceStub, i: int) -> list[pb.SearchEvent] | str:
+            request = pb.SearchRequest(
+                problem=pb.Problem(text=texts[i % len(texts)]), params=greedy, seed=i
+            )
+            try:
+                return [e async for e in stub.StreamSearch(request, timeout=120)]
+            except grpc.aio.AioRpcError as e:
+                return f"{e.code().name}: {e.details()}"
+
+        address, options = f"127.0.0.1:{server.port}", server.config.channel_options
+        opened = [grpc.aio.insecure_channel(address, options=options) for _ in range(channels)]
+        stubs = [pb_grpc.SearchServiceStub(c) for c in opened]
+        with redis.Redis.from_url(redis_server.url) as info:
+            sampler = asyncio.create_task(sample(info))
+            try:
+                started = time.monotonic()
+                calls = (one(stubs[i % channels], i) for i in range(streams))
+                outcomes = await asyncio.gather(*calls)
+                elapsed = time.monotonic() - started
+            finally:
+                sampler.cancel()
+                for c in opened:
+                    await c.close()
+        return outcomes, peak, elapsed
+
+    outcomes, peak, elapsed = serve(models, client, store_url=redis_server.url)
+    failed = [o for o in outcomes if not isinstance(o, list)]
+    assert failed == [], f"{len(failed)} streams failed, e.g. {failed[:3]}"
+    for events in outcomes:
+        kinds = [e.WhichOneof("kind") for e in events]
+        assert kinds == ["progress"] * (len(kinds) - 1) + ["result"] and len(kinds) >= 2
+    assert peak["accepted"] >= 256, peak  # hundreds of followers waiting at once, not 64
+    assert peak["redis_clients"] <= 64 + 64 + 1, peak  # the two pools' defaults + the sampler
+    print(f"\n{streams} streams: {elapsed:.1f} s, peak {peak}")
 
 
 async def wait_until_finished(store: StateStore, search_id: str) -> JobStatus:
@@ -532,3 +593,185 @@ def test_searches_whose_workers_are_gone_are_unavailable(models) -> None:
 
     code, details = serve((GoneWorker(), models[1]), client)
     assert code is Code.UNAVAILABLE and "policy worker unavailable" in details
+
+
+# -- shutdown, batch admission and cancelling ---------------------------------------------------
+
+
+async def checkpointed(store: StateStore, search_ids: list[str], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    for search_id in search_ids:
+        while await store.load_checkpoint(search_id) is None:
+            assert time.monotonic() < deadline, f"{search_id} made no progress"
+            await asyncio.sleep(0.02)
+
+
+async def outcome(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as e:
+        return e.code(), e.details()
+    return Code.OK, ""
+
+
+def undisturbed(models: tuple[Any, Any], specs: list[JobSpec]) -> list[dict[str, Any]]:
+    """Each search run alone, in process, start to end."""
+    engine = LocalEngine(*models, concurrency=1)
+    jobs = [SearchJob(s.algorithm, s.problem, s.params, s.seed, s.budget) for s in specs]
+    return [comparable(result_to_json(f.result)) for f in asyncio.run(engine.solve_all(jobs))]
+
+
+def test_stop_drains_live_steps_refuses_new_work_and_leaves_every_search_resumable(models) -> None:
+    """What SIGTERM does, in process: readiness NOT_SERVING and new work UNAVAILABLE at once,
+    reads still answered; live searches stop after their step (well inside the grace), not
+    cancelled, checkpointed, their leases handed back; a second orchestrator on the same store
+    then finishes every search with the result of an undisturbed run."""
+    lone = [pf_request("(9*8-7)*6+5", seed=i, search_id=f"drain-{i}") for i in range(2)]
+    ids = ["drain-0", "drain-1", *(f"drain-b.{i:06d}" for i in range(3))]
+
+    async def client(stub, channel, server) -> dict[str, Any]:
+        store = server.service.store
+        calls = [asyncio.ensure_future(stub.Search(r)) for r in lone]
+        await checkpointed(store, ids[:2])
+        await stub.SubmitBatch(batch_request(["(3+4)*5", "9-8*7", "7*6-5"], "drain-b", seed=2))
+        started = time.monotonic()
+        stopping = asyncio.ensure_future(server.stop())
+        await asyncio.sleep(0.05)
+        health = health_pb2_grpc.HealthStub(channel)
+        during = {
+            "health": (await health.Check(health_pb2.HealthCheckRequest())).status,
+            "get": (await stub.GetSearch(pb.GetSearchRequest(search_id="drain-0"))).state,
+            "search": await outcome(stub.Search(pf_request(search_id="late"))),
+            "batch": await outcome(stub.SubmitBatch(batch_request(["1+1"], "late-b"))),
+        }
+        await stopping
+        stop_s = time.monotonic() - started
+        answers = [await outcome(c) for c in calls]
+        jobs = [await store.get_job(i) for i in ids]
+        flags = [await store.is_cancelled(i) for i in ids]
+        checkpoints = [await store.load_checkpoint(i) for i in ids]
+        handed_back_by = time.time()
+        resumed = Orchestrator(
+            store, LocalWorkers(*models), OrchestratorConfig(lease_s=2, scan_interval_s=0.1)
+        )
+        await resumed.start()
+        try:
+            finished = [await asyncio.wait_for(resumed.wait(i), 60) for i in ids]
+        finally:
+            await resumed.close()
+        return dict(
+            during=during,
+            stop_s=stop_s,
+            answers=answers,
+            jobs=jobs,
+            flags=flags,
+            checkpoints=checkpoints,
+            handed_back_by=handed_back_by,
+            finished=finished,
+        )
+
+    seen = serve(
+        models, client, delay_s=0.4, orchestrator={"max_live": 2}, grace_s=30, serving=True
+    )
+    during = seen["during"]
+    assert during["health"] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert during["get"] == pb.SEARCH_STATE_RUNNING
+    for code, details in (during["search"], during["batch"]):
+        assert code is Code.UNAVAILABLE and "shutting down" in details
+    assert seen["stop_s"] < 5.0  # a step (0.4 s paced) and the hand-back, not the 30 s grace
+    for code, details in seen["answers"]:
+        assert code is Code.UNAVAILABLE and "another server resumes it" in details
+    lone_jobs, items = seen["jobs"][:2], seen["jobs"][2:]
+    assert all(j.status is JobStatus.RUNNING for j in lone_jobs)
+    assert all(j.lease_expires_at < seen["handed_back_by"] + 1 for j in lone_jobs)  # not +15 s
+    assert all(c is not None for c in seen["checkpoints"][:2])
+    assert all(j.status is JobStatus.QUEUED for j in items)  # never made live: no slot
+    assert seen["checkpoints"][2:] == [None, None, None]
+    assert not any(seen["flags"])
+    assert all(r.status is JobStatus.SUCCEEDED for r in seen["finished"])
+    got = [comparable(r.result) for r in seen["finished"]]
+    assert_same_results(got, undisturbed(models, [j.spec for j in seen["jobs"]]))
+
+
+def test_batch_items_start_only_as_slots_free_and_queued_items_are_bounded(models) -> None:
+    problems = ["(3+4)*5", "9-8*7", "7*6-5", "2*(3+4)", "8+7*6", "(5-4)*3", "6*6-6", "1+2*3"]
+
+    async def client(stub, channel, server) -> dict[str, Any]:
+        store, orch = server.service.store, server.service.orchestrator
+        await stub.SubmitBatch(batch_request(problems, "slots"))
+        over = await outcome(stub.SubmitBatch(batch_request(["1+1", "2+2", "3+3"], "over")))
+        fits = await outcome(stub.SubmitBatch(batch_request(["1+1", "2+2"], "fits")))
+        most_live = most_accepted = most_queued = 0
+        for batch_id in ("slots", "fits"):
+            while not (await stub.GetBatch(pb.GetBatchRequest(batch_id=batch_id))).done:
+                most_live = max(most_live, orch.live)
+                most_accepted = max(most_accepted, orch.accepted)
+                queued = [j for j in await store.list_unfinished() if j.status is JobStatus.QUEUED]
+                most_queued = max(most_queued, len(queued))
+                await asyncio.sleep(0.02)
+        later = await outcome(stub.SubmitBatch(batch_request(["1+1", "2+2", "3+3"], "over")))
+        return dict(
+            over=over,
+            fits=fits,
+            later=later,
+            most_live=most_live,
+            most_accepted=most_accepted,
+            most_queued=most_queued,
+        )
+
+    seen = serve(
+        models, client, delay_s=0.1, orchestrator={"max_live": 2}, max_queued_batch_items=10
+    )
+    code, details = seen["over"]
+    assert code is Code.RESOURCE_EXHAUSTED and "8 batch items are queued" in details
+    assert "most is 10" in details
+    assert seen["fits"] == seen["later"] == (Code.OK, "")
+    assert 1 <= seen["most_live"] <= 2 and seen["most_accepted"] <= 2
+    assert seen["most_queued"] >= 6  # 10 items, at most 2 live
+
+
+def test_cancel_batch_ends_every_item_and_the_result_stream_completes(models) -> None:
+    problems = ["(3+4)*5", "9-8*7", "7*6-5", "2*(3+4)", "8+7*6", "(5-4)*3", "6*6-6", "1+2*3"]
+    ids = [f"cx.{i:06d}" for i in range(len(problems))]
+
+    async def client(stub, channel, server) -> dict[str, Any]:
+        store = server.service.store
+        await stub.SubmitBatch(batch_request(problems, "cx"))
+        while not any([await store.load_checkpoint(i) for i in ids]):
+            await asyncio.sleep(0.02)
+        stream = asyncio.ensure_future(
+            _collect(stub.StreamBatchResults(pb.StreamBatchResultsRequest(batch_id="cx")))
+        )
+        cancelled = await stub.CancelBatch(pb.CancelBatchRequest(batch_id="cx"))
+        results = await asyncio.wait_for(stream, 30)
+        errors = [
+            await outcome(stub.CancelBatch(pb.CancelBatchRequest(batch_id=batch_id)))
+            for batch_id in ("missing", "", "bad id")
+        ]
+        return dict(
+            cancelled=cancelled,
+            results=results,
+            final=await stub.GetBatch(pb.GetBatchRequest(batch_id="cx")),
+            again=await stub.CancelBatch(pb.CancelBatchRequest(batch_id="cx")),
+            started=[await store.load_checkpoint(i) is not None for i in ids],
+            errors=errors,
+        )
+
+    seen = serve(models, client, delay_s=0.3, orchestrator={"max_live": 2})
+    cancelled, results, final = seen["cancelled"], seen["results"], seen["final"]
+    assert cancelled.batch_id == "cx" and cancelled.cancelled >= 8 - 2 - cancelled.succeeded
+    assert sorted(r.index for r in results) == list(range(8))
+    ended = {pb.SEARCH_STATE_SUCCEEDED, pb.SEARCH_STATE_CANCELLED}
+    assert all(r.status.state in ended for r in results)
+    for r in results:  # an item that never started was cancelled
+        if not seen["started"][r.index]:
+            assert r.status.state == pb.SEARCH_STATE_CANCELLED
+    assert sum(not s for s in seen["started"]) >= 4  # at most 2 live, one step each
+    assert final.done and final.succeeded + final.cancelled == 8 and final.failed == 0
+    assert seen["again"] == final
+    assert [code for code, _ in seen["errors"]] == [
+        Code.NOT_FOUND,
+        Code.INVALID_ARGUMENT,
+        Code.INVALID_ARGUMENT,
+    ]
+    assert all(details.startswith(("no batch", "batch_id")) for _, details in seen["errors"])

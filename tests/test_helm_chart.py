@@ -140,6 +140,9 @@ def test_the_checks_catch_what_the_api_server_would_reject_or_silently_drop() ->
             "additional properties 'tolerration' not allowed",
         ),
         ({"redis": {"persistence": {"enabled": "yes"}}}, "at '/redis/persistence/enabled'"),
+        ({"redis": {"persistence": {"size": "2 GB"}}}, "at '/redis/persistence/size'"),
+        ({"gateway": {"tls": {"secret": "x"}}}, "additional properties 'secret' not allowed"),
+        ({"gateway": {"tls": {"secretName": "My_TLS"}}}, "at '/gateway/tls/secretName'"),
         ({"networkPolicy": {"gatewayFrom": {"ns": "x"}}}, "at '/networkPolicy/gatewayFrom'"),
     ],
 )
@@ -194,13 +197,112 @@ def test_gateway_runs_lodestar_serve_against_the_clusters_head_service(rendered)
     assert params["host"] == "0.0.0.0"
     assert params["num_gpus"] == values["actors"]["numGpus"]
     assert params["policy_workers"] == values["actors"]["policyWorkers"]
-    # Probes hit the port the server binds; liveness asks for the status that loading never fails.
+    # Probes hit a port the server binds: the gRPC port, or with TLS (Kubernetes' gRPC probes
+    # speak none) the plaintext health port; liveness asks for the status loading never fails.
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
-    assert params["port"] == grpc_port == container["readinessProbe"]["grpc"]["port"]
+    assert params["port"] == grpc_port
+    tls_secret = values["gateway"].get("tls", {}).get("secretName")
+    assert (params["tls_cert"] is not None) == bool(tls_secret) == (name == "gpu")
+    probe_port = params["health_port"] if params["tls_cert"] else grpc_port
+    assert container["readinessProbe"]["grpc"]["port"] == probe_port
     assert "service" not in container["readinessProbe"]["grpc"]  # overall status: models loaded
-    assert container["livenessProbe"]["grpc"] == {"port": grpc_port, "service": LIVENESS}
+    assert container["livenessProbe"]["grpc"] == {"port": probe_port, "service": LIVENESS}
     service = one(docs, "Service", "gateway")
     assert {"name": "grpc", "targetPort": "grpc"}.items() <= service["spec"]["ports"][0].items()
+
+
+def test_a_tls_secret_is_mounted_and_served_and_probes_move_to_the_plaintext_health_port() -> None:
+    """gateway.tls.secretName: the Secret's tls.crt / tls.key are mounted where the rendered
+    `lodestar serve --tls-cert/--tls-key` reads them; the probes use `--health-port`, which
+    neither the Service nor the NetworkPolicy opens (the kubelet probes from the node)."""
+    tls = {"secretName": "my-tls"}
+    docs = render({"gateway": {"tls": tls}, "networkPolicy": {"enabled": True}})
+    container = gateway_container(docs)
+    _, params = parse(container["command"] + container["args"])
+    cert, key = Path(params["tls_cert"]), Path(params["tls_key"])
+    assert (cert.name, key.name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret's keys
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(cert.parent)]
+    assert key.parent == cert.parent and mount["readOnly"] is True
+    pod = one(docs, "Deployment", "gateway")["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "my-tls" and "items" not in volume["secret"]
+    probe = chart_defaults()["gateway"]["tls"]["probePort"]
+    assert params["health_port"] == probe != params["port"]
+    assert {"name": "probe", "containerPort": probe} in container["ports"]
+    assert container["readinessProbe"]["grpc"] == {"port": probe}
+    assert container["livenessProbe"]["grpc"] == {"port": probe, "service": LIVENESS}
+    service = one(docs, "Service", "gateway")
+    assert probe not in [p["port"] for p in service["spec"]["ports"]]
+    policy = one(docs, "NetworkPolicy", "gateway")
+    assert probe not in [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert [e for d in docs if d["kind"] != "RayCluster" for e in core_errors(d, "1.27.0")] == []
+
+    plain = gateway_container(render())  # the default: plaintext, probes on the gRPC port
+    _, params = parse(plain["command"] + plain["args"])
+    assert params["tls_cert"] is params["tls_key"] is params["health_port"] is None
+    assert plain["readinessProbe"]["grpc"] == {"port": params["port"]}
+    assert not any(m["name"] == "tls" for m in plain["volumeMounts"])
+
+
+def redis_command(docs: list[dict[str, Any]], port: int, data: Path) -> list[str]:
+    """The chart's Redis container command, pointed at a port and folder of this machine."""
+    (container,) = one(docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    script = container["args"][0].replace("--port 6379", f"--port {port}")
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "data")
+    assert f"--dir {mount} " in script
+    script = script.replace(f"--dir {mount} ", f"--dir {data} ") + " --bind 127.0.0.1"
+    return [*container["command"], script]
+
+
+@pytest.mark.parametrize("persistence", [True, False])
+def test_redis_keeps_an_append_only_file_on_a_volume_claim_by_default(
+    tmp_path: Path, persistence: bool
+) -> None:
+    """On by default: AOF (fsync every second) in the data folder, which is a PersistentVolumeClaim.
+    The rendered command, run here and SIGKILLed after a write, comes back with the write; with
+    persistence off (an emptyDir, no AOF) the same restart comes back empty."""
+    import redis
+
+    values = None if persistence else {"redis": {"persistence": {"enabled": False}}}
+    docs = render(values)
+    spec = one(docs, "StatefulSet", "redis")["spec"]
+    claims = spec.get("volumeClaimTemplates", [])
+    volumes = spec["template"]["spec"].get("volumes", [])
+    if persistence:
+        (claim,) = claims
+        size = chart_defaults()["redis"]["persistence"]["size"]
+        assert claim["metadata"]["name"] == "data"
+        assert claim["spec"]["resources"]["requests"]["storage"] == size
+        assert not any(v["name"] == "data" for v in volumes)
+    else:
+        assert claims == [] and {"name": "data", "emptyDir": {}} in volumes
+
+    password = secret_values(docs)[("lodestar", "redis-password")]
+    port = free_port()
+    argv = redis_command(docs, port, tmp_path)
+    env = dict(os.environ, REDIS_PASSWORD=password)
+    found = []
+    for round_ in range(2):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+            client = redis.Redis(port=port, password=password, socket_timeout=5)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    assert proc.poll() is None and time.monotonic() < deadline, "no redis"
+                    time.sleep(0.05)
+            if round_ == 0:
+                client.set("search:1", "checkpoint")
+            found.append(client.get("search:1"))
+            client.close()
+        finally:
+            proc.kill()  # a crash, not a clean shutdown
+            proc.wait(10)
+    assert found == [b"checkpoint", b"checkpoint" if persistence else None]
+    assert any(tmp_path.rglob("*.aof")) == persistence
 
 
 def test_network_policies_select_their_pods_and_admit_the_releases_own() -> None:

@@ -222,6 +222,22 @@ def test_steps_stop_at_delimiter_eos_or_length_and_finished_rows_leave_the_batch
     assert (none.text, none.num_tokens, none.stop_reason) == ("", 0, "length")
 
 
+def test_an_empty_delimiter_runs_the_step_to_eos_or_the_cap(model_dirs):
+    """The final round of beam and DVTS: no step stop, the same draws continue past the
+    delimiter, so each step to the end begins with the delimited step of the same seed."""
+    w = worker(model_dirs, "llama")
+    to_end = SamplingParams(temperature=1.0, max_step_tokens=12, step_delimiter="")
+    delimited = w.extend([req(f"d{i}", seed=i) for i in range(24)])
+    outs = w.extend([req(f"e{i}", seed=i, sampling=to_end) for i in range(24)])
+    assert {o.stop_reason for o in outs} <= {"eos", "length"}
+    for d, o in zip(delimited, outs, strict=True):
+        assert o.text.startswith(d.text)
+        if d.stop_reason == "delimiter" and d.num_tokens < 12:
+            assert o.num_tokens > d.num_tokens  # went on past the delimiter (EOS counts)
+    assert any(d.stop_reason == "delimiter" and d.num_tokens < 12 for d in delimited)
+    assert find_step_end("a\n\nb", start=0, delimiter="") is None
+
+
 def test_delimiter_may_straddle_the_partial_step():
     assert find_step_end("ab\n" + "\nc", start=3, delimiter="\n\n") == 4
     assert find_step_end("a\n\nb" + "c", start=4, delimiter="\n\n") is None

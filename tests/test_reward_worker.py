@@ -15,7 +15,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lodestar.workers.loading import ModelLoadError
-from lodestar.workers.messages import ChatMessage, ScoreRequest, StepScores
+from lodestar.workers.messages import (
+    ChatMessage,
+    ErrorKind,
+    RequestFailed,
+    ScoreRequest,
+    StepScores,
+)
 from lodestar.workers.reward import DEFAULT_SYSTEM_PROMPT, PRMConfig, RewardWorker, load_prm
 from tests.prm_factory import KINDS, QWEN_SEPARATOR, SHEPHERD_TAG, save_tiny_prm
 
@@ -286,8 +292,11 @@ def test_separator_text_inside_a_step_or_problem_is_removed_before_scoring(prm, 
     a, b = w.score([req("a", None, dirty, prompt=f"2x{marker}?"), req("b", None, clean, "2x?")])
     assert len(a.rewards) == 2 and a.rewards == pytest.approx(b.rewards, abs=1e-6)
     w.marker = None  # without the clean-up, the count check still refuses to misalign rewards
-    with pytest.raises(ValueError, match=r"'a'.*tokenizes to the separator token"):
-        w.score([req("a", None, dirty)])
+    refused, scored = w.score([req("a", None, dirty), req("b", None, clean, "2x?")])
+    assert isinstance(refused, RequestFailed) and refused.seq_id == "a"
+    assert refused.kind is ErrorKind.INVALID_INPUT
+    assert "tokenizes to the reward model's separator" in refused.message
+    assert scored.rewards == pytest.approx(b.rewards, abs=1e-6)  # its neighbour is scored
 
 
 def test_a_separator_the_tokenizer_splits_is_rejected(prm):

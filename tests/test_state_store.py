@@ -496,6 +496,82 @@ def test_redis_blocking_readers_neither_starve_writers_nor_count_as_outages(
     asyncio.run(main())
 
 
+def test_redis_followers_of_500_searches_share_two_blocking_connections(
+    redis_server: LocalRedis,
+) -> None:
+    """Every follower gets every event in order, though the store has two blocking connections
+    and four others: waits share them. A tenth of the searches have a second, later follower
+    (after=1) on the same stream; the server never sees more connections than the pools hold."""
+    searches, rounds = 500, 3
+    config = redis_config(redis_server, max_connections=4, max_stream_readers=2, pool_timeout_s=1.0)
+
+    async def follow(store: StateStore, search_id: str, after: int = 0) -> list[int]:
+        return [e.offset async for e in store.follow(search_id, after, wait_s=5.0)]
+
+    async def main(client: redis.Redis) -> tuple[list[list[int]], list[list[int]], int]:
+        async with RedisStateStore(config) as store:
+            first = []
+            for start in range(0, searches, 100):  # arriving over 0.25 s, as clients would
+                ids = range(start, start + 100)
+                first += [asyncio.create_task(follow(store, f"many-{i}")) for i in ids]
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)  # every follower parked, waiting for its first event
+            early = [task for task in first if task.done()]
+            assert not early, [task.exception() for task in early[:3]]
+            peak = int(client.info("clients")["connected_clients"])
+            second = []
+            for r in range(1, rounds + 1):
+                for i in range(searches):
+                    await store.append_event(f"many-{i}", b"step", terminal=r == rounds)
+                if r == 1:
+                    tail = [f"many-{i}" for i in range(0, searches, 10)]
+                    second = [asyncio.create_task(follow(store, s, after=1)) for s in tail]
+                await asyncio.sleep(0.2)
+                peak = max(peak, int(client.info("clients")["connected_clients"]))
+            async with asyncio.timeout(10):
+                return await asyncio.gather(*first), await asyncio.gather(*second), peak
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+        started = time.monotonic()
+        first, second, peak = asyncio.run(main(client))
+        elapsed = time.monotonic() - started
+    assert first == [[1, 2, 3]] * searches
+    assert second == [[2, 3]] * (searches // 10)
+    assert peak <= config.max_connections + config.max_stream_readers + 1  # + this client
+    print(f"\n{searches} followers, {rounds} events each: {elapsed:.2f} s, peak {peak} clients")
+
+
+@pytest.mark.parametrize("outage", ["stopped", "paused"])
+def test_redis_parked_waiters_hear_of_an_outage_within_the_bound_and_the_store_recovers(
+    outage: str,
+) -> None:
+    """Waits parked in the shared readers fail as unavailable when Redis goes away (connection
+    refused) or hangs (socket timeout), long before their own wait ends; then new waits work."""
+
+    async def main(server: LocalRedis) -> tuple[list[BaseException | list[Any]], float]:
+        async with RedisStateStore(RedisStoreConfig(url=server.url, max_stream_readers=2)) as store:
+            waits = [asyncio.create_task(store.read_events(f"o{i}", wait_s=20)) for i in range(50)]
+            await asyncio.sleep(0.3)
+            started = time.monotonic()
+            server.stop() if outage == "stopped" else server.pause()
+            try:
+                results = await asyncio.gather(*waits, return_exceptions=True)
+                elapsed = time.monotonic() - started
+            finally:
+                server.start() if outage == "stopped" else server.resume()
+            later = asyncio.create_task(store.read_events("o1", wait_s=5))
+            await asyncio.sleep(0.1)
+            await store.append_event("o1", b"back")
+            assert [e.data for e in await later] == [b"back"]
+            return results, elapsed
+
+    with new_redis_server() as server:
+        results, elapsed = asyncio.run(main(server))
+    assert all(isinstance(r, StateStoreUnavailable) for r in results), results[:3]
+    assert elapsed < 3.0
+
+
 def test_open_state_store_picks_the_backend_from_the_url(redis_server: LocalRedis) -> None:
     assert isinstance(open_state_store("memory://"), MemoryStateStore)
     store = open_state_store(redis_server.url, finished_ttl_s=5)

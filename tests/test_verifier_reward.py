@@ -8,8 +8,19 @@ import pytest
 
 from lodestar.orchestrator.inprocess import LocalReward
 from lodestar.tasks.arithmetic import generate_problems, solution_steps
-from lodestar.workers.messages import ChatMessage, ScoreRequest, StepScores
-from lodestar.workers.verifier import NotArithmeticError, VerifierReward, problem_from_prompt
+from lodestar.workers.messages import (
+    ChatMessage,
+    ErrorKind,
+    RequestFailed,
+    ScoreRequest,
+    StepScores,
+)
+from lodestar.workers.verifier import (
+    NOT_ARITHMETIC,
+    NotArithmeticError,
+    VerifierReward,
+    problem_from_prompt,
+)
 
 P = "(7+5)*3-4"
 GOOD = ("7+5=12, so 12*3-4\n\n", "12*3=36, so 36-4\n\n", "36-4=32 \\boxed{32}")
@@ -80,11 +91,22 @@ def test_spelling_of_the_expression_does_not_matter() -> None:
         (ChatMessage("user", "Compute (7+5)*3-4, please."),),
     ],
 )
-def test_a_prompt_that_is_not_arithmetic_is_rejected_naming_the_request(prompt: object) -> None:
+def test_a_prompt_that_is_not_arithmetic_fails_only_its_own_request(prompt: object) -> None:
     reward = VerifierReward()
-    with pytest.raises(NotArithmeticError, match="request 'bad'"):
-        reward.score([req(GOOD), req(GOOD, prompt=prompt, seq_id="bad")])
-    assert reward.stats() == {"requests": 0, "steps": 0}  # nothing was scored
+    good, bad, also_good = reward.score(
+        [req(GOOD), req(GOOD, prompt=prompt, seq_id="bad"), req(GOOD, seq_id="t")]
+    )
+    assert good == StepScores("s", (1.0, 1.0, 1.0), 0)
+    assert also_good == StepScores("t", (1.0, 1.0, 1.0), 0)
+    assert bad == RequestFailed("bad", ErrorKind.INVALID_INPUT, NOT_ARITHMETIC)
+    assert "France" not in bad.message and P not in bad.message  # never echoes the input
+    assert reward.stats() == {"requests": 2, "steps": 6}  # the bad one was not scored
+
+
+@pytest.mark.parametrize("prompt", ["hello", (ChatMessage("system", P),)])
+def test_problem_from_prompt_says_why_a_prompt_is_not_arithmetic(prompt: object) -> None:
+    with pytest.raises(NotArithmeticError):
+        problem_from_prompt(prompt)
 
 
 def test_no_steps_gives_no_rewards() -> None:
@@ -97,3 +119,15 @@ def test_it_serves_the_async_reward_protocol_in_process() -> None:
     out = asyncio.run(LocalReward(reward).score([req(GOOD)]))
     assert out[0].rewards == (1.0, 1.0, 1.0)
     assert reward.stats() == {"requests": 1, "steps": 3}
+
+
+def test_a_whole_answer_sent_as_one_step_is_right_when_every_step_in_it_is() -> None:
+    """`model` aggregation (PF's default) scores the partial answer joined into one step."""
+    reward = VerifierReward()
+    wrong = ("7+5=12, so 12*3-4\n\n", "12*3=35, so 35-4\n\n", "35-4=31 \\boxed{31}")
+    (right_whole, wrong_whole, prefix) = reward.score(
+        [req(("".join(GOOD),)), req(("".join(wrong),), seq_id="w"), req(("".join(GOOD[:2]),))]
+    )
+    assert right_whole.rewards == (1.0,) and wrong_whole.rewards == (0.0,)
+    assert prefix.rewards == (1.0,)
+    assert reward.score([req(GOOD)])[0].rewards == (1.0, 1.0, 1.0)  # step by step as before

@@ -20,7 +20,13 @@ import ray
 import torch
 
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
-from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
+from lodestar.workers.messages import (
+    ExtendRequest,
+    RequestFailed,
+    ScoreRequest,
+    StepOutput,
+    StepScores,
+)
 
 Role = Literal["policy", "reward"]
 CONTROL = "control"
@@ -41,12 +47,12 @@ class ModelHost:
         self.policy = build_policy(config) if "policy" in roles else None
         self.reward = build_reward(config) if "reward" in roles else None
 
-    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
         if self.policy is None:
             raise RuntimeError("this worker holds no policy")
         return self.policy.extend(requests)
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
         if self.reward is None:
             raise RuntimeError("this worker holds no reward model")
         return self.reward.score(requests)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lodestar.models import POLICY, PRM, shipped_model_dir
+from lodestar.workers.intake import ProblemIntake, ProblemLimits, context_of
 
 PRM_CONFIG_FILE = "lodestar_prm.json"
 """Optional file in a PRM directory naming its family and tokens (fields of `PRMConfig`)."""
@@ -38,6 +39,19 @@ def build_policy(config: ModelConfig) -> Any:
     return PolicyWorker.from_pretrained(
         path, device=config.device, dtype=config.dtype, cache_tokens=config.cache_tokens
     )
+
+
+def build_intake(config: ModelConfig, limits: ProblemLimits | None = None) -> ProblemIntake:
+    """The submit-time check for these models: the policy's tokenizer (no weights) measures a
+    problem, and the verifier reward refuses what is not arithmetic."""
+    from lodestar.workers.loading import load_tokenizer
+    from lodestar.workers.prompt_format import PolicyPrompts
+    from lodestar.workers.verifier import accepts_prompt
+
+    path = policy_dir(config)
+    accepts = accepts_prompt if str(config.reward) == "verifier" else None
+    prompts = PolicyPrompts(load_tokenizer(path))
+    return ProblemIntake(limits, prompts, context_of(path), accepts)
 
 
 def prm_settings(path: Path, family: str | None) -> dict[str, Any]:

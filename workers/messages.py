@@ -7,7 +7,35 @@ over the wire, never logits or KV tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
+
+
+class ErrorKind(StrEnum):
+    """Why a request or a search failed, typed end to end: a worker's per-request outcome, the
+    job record and the service's status code all carry one of these, never a parsed string."""
+
+    INVALID_INPUT = "invalid_input"
+    """The client's input cannot be served (INVALID_ARGUMENT)."""
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    """A limit of the server was reached (RESOURCE_EXHAUSTED)."""
+    UNAVAILABLE = "unavailable"
+    """A worker or the state store is gone; nothing is wrong with the request (UNAVAILABLE)."""
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    """The search's deadline passed (DEADLINE_EXCEEDED)."""
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+    """A fault of the server; the detail is in its log under the search id (INTERNAL)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """A worker's outcome for one request it could not serve; the others in the call are
+    unaffected. `message` is short and names only this request's own input."""
+
+    seq_id: str
+    kind: ErrorKind
+    message: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +82,8 @@ class SamplingParams:
     max_step_tokens: int = 256
     """Hard cap on the tokens of one step."""
     step_delimiter: str = "\n\n"
-    """A step ends when its text ends with this; the delimiter is kept in the step text."""
+    """A step ends when its text ends with this; the delimiter is kept in the step text. Empty:
+    no step stop, the text runs to EOS or the token cap (beam's and DVTS's final round)."""
 
 
 @dataclass(frozen=True, slots=True)

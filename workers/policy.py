@@ -28,7 +28,14 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from lodestar.workers.batch_cache import check_full_attention, pack_batch, row_entry, save_row
 from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
 from lodestar.workers.loading import load_model
-from lodestar.workers.messages import ExtendRequest, Prompt, StepOutput, StopReason
+from lodestar.workers.messages import (
+    ErrorKind,
+    ExtendRequest,
+    RequestFailed,
+    StepOutput,
+    StopReason,
+)
+from lodestar.workers.prompt_format import PolicyPrompts
 
 
 def sample_tokens(
@@ -51,7 +58,10 @@ def sample_tokens(
 
 
 def find_step_end(text: str, start: int, delimiter: str) -> int | None:
-    """End index of the first `delimiter` in `text` that ends after `start`, or None."""
+    """End index of the first `delimiter` in `text` that ends after `start`, or None (always
+    None for the empty delimiter: no step stop, generate to EOS or the cap)."""
+    if not delimiter:
+        return None
     at = text.find(delimiter, max(0, start - len(delimiter) + 1))
     return None if at < 0 else at + len(delimiter)
 
@@ -76,7 +86,10 @@ class PolicyWorker:
         self.device = model.device
         self.cache = KVCacheStore(cache_tokens)
         check_full_attention(model.config)
-        self.chat = tokenizer.chat_template is not None
+        self.prompts = PolicyPrompts(tokenizer)
+        self.chat = self.prompts.chat
+        self.context_tokens: int | None = getattr(model.config, "max_position_embeddings", None)
+        """The longest sequence the model was built for (None: the config does not say)."""
         eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)}
         self.eos_ids = sorted(e for e in eos if e is not None)
         pad = tokenizer.pad_token_id
@@ -100,40 +113,31 @@ class PolicyWorker:
         """The text the model continues: the prompt (rendered as a chat when the tokenizer has a
         template, the assistant turn opened), then the steps so far, then the partial step."""
         body = "".join(request.steps) + request.partial_step
-        return self._render(request.prompt) + body
-
-    def _render(self, prompt: Prompt) -> str:
-        if not self.chat:
-            return prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        else:
-            messages = [{"role": m.role, "content": m.content} for m in prompt]
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
+        return self.prompts.render(request.prompt) + body
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        """Prefix token ids; a rendered chat carries its own special tokens, plain text gets the
-        tokenizer's usual ones (BOS for most)."""
-        enc = self.tokenizer(texts, add_special_tokens=not self.chat)
-        return [list(ids) for ids in enc["input_ids"]]
+        return self.prompts.tokenize(texts)
 
     # -- the public API -------------------------------------------------------------------
     @torch.inference_mode()
-    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
-        """Sample one step for each request, in order; see the module docstring for the batch."""
+    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
+        """Sample one step for each request, in order; see the module docstring for the batch.
+        A request that cannot be served (empty prefix, one that fills the model's context) gets a
+        `RequestFailed` of its own; the others are sampled as if it were not there."""
         self.calls += 1
         self.requests += len(requests)
         prefixes = self.tokenize([self.prefix_text(r) for r in requests])
         caps = [_token_cap(r) for r in requests]
-        for r, ids in zip(requests, prefixes, strict=True):
-            if not ids:
-                raise ValueError(
-                    f"request {r.seq_id!r} has an empty prefix: nothing to condition on"
-                )
+        outputs: list[StepOutput | RequestFailed] = [
+            StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length") for r in requests
+        ]
+        for i, (r, ids) in enumerate(zip(requests, prefixes, strict=True)):
+            failed = self._refusal(r, ids)
+            if failed is not None:
+                outputs[i], caps[i] = failed, 0
+            elif self.context_tokens is not None:  # a step stops ("length") at the context's end
+                caps[i] = min(caps[i], self.context_tokens - len(ids))
         live = [i for i, cap in enumerate(caps) if cap > 0]
-        outputs = [StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length") for r in requests]
         if live:
             steps = self._generate(
                 [requests[i] for i in live], [prefixes[i] for i in live], [caps[i] for i in live]
@@ -141,6 +145,22 @@ class PolicyWorker:
             for i, out in zip(live, steps, strict=True):
                 outputs[i] = out
         return outputs
+
+    def _refusal(self, request: ExtendRequest, prefix: list[int]) -> RequestFailed | None:
+        if not prefix:
+            return RequestFailed(
+                request.seq_id,
+                ErrorKind.INVALID_INPUT,
+                "problem: empty prompt, nothing to continue",
+            )
+        if self.context_tokens is not None and len(prefix) >= self.context_tokens:
+            return RequestFailed(
+                request.seq_id,
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"the solution so far is {len(prefix)} tokens, the policy's context "
+                f"{self.context_tokens}",
+            )
+        return None
 
     def release(self, seq_ids: Sequence[str]) -> None:
         """Drop these sequences' caches (their search moved on or ended)."""

@@ -61,7 +61,7 @@ from transformers import (
 from lodestar.workers.batch_cache import check_full_attention, pack_batch, save_row
 from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
 from lodestar.workers.loading import DTYPES, load_model
-from lodestar.workers.messages import Prompt, ScoreRequest, StepScores
+from lodestar.workers.messages import ErrorKind, Prompt, RequestFailed, ScoreRequest, StepScores
 
 PRMFamily = Literal["qwen_prm", "math_shepherd", "outcome"]
 FAMILIES: tuple[PRMFamily, ...] = ("qwen_prm", "math_shepherd", "outcome")
@@ -189,6 +189,7 @@ class RewardWorker:
         )
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
+        self.context_tokens: int | None = getattr(model.config, "max_position_embeddings", None)
         sep = config.separator
         # The scoring token of a separator is the token its last character lands in, e.g. "ки"
         # for Math-Shepherd's " ки" (a word token after a space in its vocab, as in "x ки").
@@ -288,8 +289,9 @@ class RewardWorker:
             raise ValueError(f"{text!r} encodes to no tokens")
         return ids[-1]
 
-    def _plan(self, requests: Sequence[ScoreRequest]) -> list[_Plan]:
-        """Tokenize every request in one call, locate its scoring tokens, look up its parent."""
+    def _plan(self, requests: Sequence[ScoreRequest]) -> list[_Plan | RequestFailed]:
+        """Tokenize every request in one call, locate its scoring tokens, look up its parent; a
+        request whose text cannot be scored gets a `RequestFailed` instead of a plan."""
         rendered = [self.render(r.prompt, r.steps) for r in requests]
         enc = self.tokenizer(
             [text for text, _ in rendered],
@@ -302,8 +304,18 @@ class RewardWorker:
         ):
             positions = _scoring_positions(offsets, ends)
             ids = list(ids[: positions[-1] + 1]) if positions else []
-            if self.separator_id is not None:
-                self._check_separators(r, ids, positions)
+            try:
+                if self.separator_id is not None:
+                    self._check_separators(r, ids, positions)
+            except ValueError as e:
+                plans.append(RequestFailed(r.seq_id, ErrorKind.INVALID_INPUT, str(e)))
+                continue
+            if self.context_tokens is not None and len(ids) > self.context_tokens:
+                message = (
+                    f"{len(ids)} tokens to score, the reward model's context {self.context_tokens}"
+                )
+                plans.append(RequestFailed(r.seq_id, ErrorKind.RESOURCE_EXHAUSTED, message))
+                continue
             parent = None
             if r.parent_id is not None and self.store.capacity_tokens > 0:
                 parent = self.store.fork(r.parent_id, ids, r.steps)
@@ -314,30 +326,35 @@ class RewardWorker:
         """Every step's scoring token is the separator token, and no other token is."""
         if any(ids[p] != self.separator_id for p in positions):
             raise ValueError(
-                f"request {r.seq_id!r}: separator {self.config.separator!r} merged with the "
-                "text around it when tokenized; choose a separator the tokenizer keeps whole"
+                f"separator {self.config.separator!r} merged with the text around it when "
+                "tokenized; choose a separator the tokenizer keeps whole"
             )
         if ids.count(self.separator_id) != len(positions):
             raise ValueError(
-                f"request {r.seq_id!r}: text other than the step separators tokenizes to the "
-                f"separator token {self.separator_id}"
+                f"text other than the step separators tokenizes to the reward model's separator "
+                f"{self.config.separator!r}"
             )
 
     # -- the public API ---------------------------------------------------------------------
     @torch.inference_mode()
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
-        """Rewards for every step of each request, in order; one forward for the whole call."""
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
+        """Rewards for every step of each request, in order; one forward for the whole call.
+        A request that cannot be scored gets its own `RequestFailed`; the others are scored."""
         self.calls += 1
         self.requests += len(requests)
-        plans = self._plan(requests)
+        outcomes = self._plan(requests)
+        plans = [p for p in outcomes if isinstance(p, _Plan)]
         for p in plans:
             if p.parent is not None:
                 p.rewards = list(p.parent.scores)
         todo = [p for p in plans if p.feed]
         if todo:
             self._forward(todo)
-        outputs = []
-        for p in plans:
+        outputs: list[StepScores | RequestFailed] = []
+        for p in outcomes:
+            if isinstance(p, RequestFailed):
+                outputs.append(p)
+                continue
             # An outcome step with no text of its own shares the previous step's scoring token.
             while len(p.rewards) < len(p.positions):
                 p.rewards.append(p.rewards[-1])
@@ -387,8 +404,8 @@ class RewardWorker:
         F = input_ids.shape[1]
         rows, cols = [], []  # where each new scoring token sits in `input_ids`
         for i, p in enumerate(plans):
-            for pos in p.positions[len(p.rewards) :]:
-                if pos >= p.cached:  # else an empty outcome step: copies the previous reward
+            for pos in _new_positions(p):
+                if pos is not None:
                     rows.append(i)
                     cols.append(F - len(p.feed) + pos - p.cached)
         rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)  # [n]
@@ -429,13 +446,25 @@ class RewardWorker:
 
         new = iter(rewards.tolist())
         for i, p in enumerate(plans):
-            for pos in p.positions[len(p.rewards) :]:
-                p.rewards.append(next(new) if pos >= p.cached else p.rewards[-1])
+            for pos in _new_positions(p):
+                p.rewards.append(next(new) if pos is not None else p.rewards[-1])
             seq_id, steps = p.request.seq_id, p.request.steps
             save_row(self.store, seq_id, p.token_ids, cache, mask, i, steps, p.rewards)
 
 
 PRMWorker = RewardWorker
+
+
+def _new_positions(plan: _Plan) -> list[int | None]:
+    """The scoring positions of a plan's unscored steps; None for an empty outcome step, which
+    shares the previous step's token and so copies its reward exactly (scored twice, a batched
+    head can round the two rows differently)."""
+    out: list[int | None] = []
+    done = len(plan.rewards)
+    for k, pos in enumerate(plan.positions[done:], start=done):
+        shared = pos < plan.cached or (k > 0 and plan.positions[k - 1] == pos)
+        out.append(None if shared else pos)
+    return out
 
 
 def _scoring_positions(offsets: Sequence[tuple[int, int]], ends: Sequence[int]) -> list[int]:

@@ -12,9 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lodestar.tasks.arithmetic import ArithmeticProblemError, Problem, evaluate_steps
+from lodestar.tasks.arithmetic import ArithmeticProblemError, Problem, evaluate_steps, split_steps
 from lodestar.tasks.arithmetic import problem_from_text as _parse
-from lodestar.workers.messages import Prompt, ScoreRequest, StepScores
+from lodestar.workers.messages import ErrorKind, Prompt, RequestFailed, ScoreRequest, StepScores
+
+NOT_ARITHMETIC = (
+    "problem: the verifier reward scores arithmetic only: integers, + - * and parentheses, "
+    "e.g. (12+5)*3"
+)
+"""What a client is told when its problem is not one the verifier can check."""
 
 
 class NotArithmeticError(ValueError):
@@ -39,6 +45,24 @@ def problem_from_prompt(prompt: Prompt) -> Problem:
         raise NotArithmeticError(str(e)) from e
 
 
+def accepts_prompt(prompt: Prompt) -> str | None:
+    """None when the verifier can score this prompt, else the client-safe reason: the check
+    `lodestar serve` runs at submit (`workers/intake.py`)."""
+    try:
+        problem_from_prompt(prompt)
+    except NotArithmeticError:
+        return NOT_ARITHMETIC.removeprefix("problem: ")
+    return None
+
+
+def judge(problem: Problem, steps: Sequence[str]) -> list[bool]:
+    """Whether each step is right. A step holding several of the task's steps (the whole partial
+    answer, as `model` aggregation sends it) is right when every step in it is."""
+    parts = [split_steps(step) or [step] for step in steps]
+    ok = iter(evaluate_steps(problem, [p for part in parts for p in part]))
+    return [all([next(ok) for _ in part]) for part in parts]
+
+
 class VerifierReward:
     """Reward worker scoring arithmetic steps exactly; no model, so `tokens` is always 0."""
 
@@ -49,25 +73,22 @@ class VerifierReward:
         self.ceiling = ceiling
         self.requests = self.steps = 0
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
-        """One reward per step of each request, in order.
-
-        Raises `NotArithmeticError` (naming the request) before scoring anything if any prompt is
-        not an arithmetic problem.
-        """
-        problems = []
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
+        """One reward per step of each request, in order; a request whose prompt is not an
+        arithmetic problem gets a `RequestFailed` of its own and the others are scored."""
+        out: list[StepScores | RequestFailed] = []
         for r in requests:
             try:
-                problems.append(problem_from_prompt(r.prompt))
-            except NotArithmeticError as e:
-                raise NotArithmeticError(f"request {r.seq_id!r}: {e}") from e
-        out = []
-        for r, problem in zip(requests, problems, strict=True):
-            ok = evaluate_steps(problem, r.steps)
-            rewards = tuple(self.ceiling if good else self.floor for good in ok)
+                problem = problem_from_prompt(r.prompt)
+            except NotArithmeticError:
+                out.append(RequestFailed(r.seq_id, ErrorKind.INVALID_INPUT, NOT_ARITHMETIC))
+                continue
+            rewards = tuple(
+                self.ceiling if good else self.floor for good in judge(problem, r.steps)
+            )
             out.append(StepScores(seq_id=r.seq_id, rewards=rewards, tokens=0))
-        self.requests += len(requests)
-        self.steps += sum(len(r.steps) for r in requests)
+            self.requests += 1
+            self.steps += len(r.steps)
         return out
 
     def release_prefix(self, prefix: str) -> int:

@@ -31,6 +31,8 @@ implement them), and their contract is:
   instead of counting twice. Where that step is a separate write (Redis), a crash between the two
   leaves the batch one short until `reconcile_batch` recounts from the jobs.
 - Once every item has finished, the batch's keys expire after `finished_ttl_s`, like a job's.
+- `cancel_batch` finishes the still-queued items as cancelled in the store itself (no
+  orchestrator claims them first) and flags the running ones, which their orchestrators stop.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, NamedTuple, Self
+
+from lodestar.workers.messages import ErrorKind
 
 JSON = Any
 """A JSON-serialisable value (dict, list, str, number, bool or None)."""
@@ -146,7 +150,8 @@ def check_transition(search_id: str, current: JobStatus, target: JobStatus) -> N
         raise InvalidTransition(f"job {search_id!r}: {current} -> {target} is not allowed")
 
 
-_SEARCH_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+MAX_ID_CHARS = 128
+_SEARCH_ID = re.compile(rf"[A-Za-z0-9._:-]{{1,{MAX_ID_CHARS}}}")
 
 
 def check_search_id(search_id: str) -> str:
@@ -195,6 +200,9 @@ class JobRecord:
     result: str | None = None
     """JSON text of the search result, opaque to the store."""
     error: str | None = None
+    """A short, client-safe message (the detail is in the server's log)."""
+    error_kind: ErrorKind | None = None
+    """Why the search failed or was cancelled; the service maps it to a status code."""
 
     @property
     def search_id(self) -> str:
@@ -332,6 +340,7 @@ class StateStore(ABC):
         spend: Mapping[str, float] | None = None,
         result: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> JobRecord:
         """Change status and/or fields; None leaves a field as it is.
 
@@ -340,7 +349,12 @@ class StateStore(ABC):
         """
         try:
             job = await self._update_job_only(
-                search_id, status=status, spend=spend, result=result, error=error
+                search_id,
+                status=status,
+                spend=spend,
+                result=result,
+                error=error,
+                error_kind=error_kind,
             )
         except InvalidTransition:
             # Perhaps a retry whose first try finished the job, then lost its batch step.
@@ -361,6 +375,7 @@ class StateStore(ABC):
         spend: Mapping[str, float] | None = None,
         result: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> JobRecord:
         """`update_job` without its batch step (tests call it to open the crash window)."""
 
@@ -459,6 +474,21 @@ class StateStore(ABC):
         """Count every finished item the batch has missed (read from the jobs themselves) and
         return the repaired record. Idempotent; the repair for a crash between a job finishing
         and its batch step. Raises `BatchNotFound`."""
+
+    @abstractmethod
+    async def cancel_batch(self, batch_id: str, terminal_event: bytes) -> BatchRecord:
+        """Cancel every unfinished item: a queued one finishes cancelled at once (error
+        "cancelled", kind CANCELLED, `terminal_event` closing its event log, counted in the
+        batch), so no orchestrator ever starts it; a running one is flagged (`request_cancel`)
+        and its orchestrator stops it before its next step. Finished items stay as they are
+        (one that finished uncounted is counted, as `reconcile_batch` would). Idempotent;
+        returns the record as it is then. Raises `BatchNotFound`."""
+
+    @abstractmethod
+    async def open_batch_items(self) -> int:
+        """Items of every batch that is not done and that have not finished (queued or
+        running), over the whole store: what the service's `max_queued_batch_items` bounds.
+        Concurrent `create_batch` calls are not serialised against it."""
 
 
 def validate_write(search_id: str, generation: int, data: bytes) -> None:

@@ -43,6 +43,7 @@ from lodestar.orchestrator.state_store.base import (
     validate_read,
     validate_write,
 )
+from lodestar.workers.messages import ErrorKind
 
 _Kind = Literal["search", "batch"]
 """Expiry is per record kind: a batch id may equal a search id."""
@@ -129,6 +130,7 @@ class MemoryStateStore(StateStore):
         spend: Mapping[str, float] | None = None,
         result: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> JobRecord:
         """`update_job` without its batch step (tests use it to open the crash window)."""
         job = self._existing(search_id)
@@ -142,6 +144,8 @@ class MemoryStateStore(StateStore):
             changes["result"] = result
         if error is not None:
             changes["error"] = error
+        if error_kind is not None:
+            changes["error_kind"] = ErrorKind(error_kind)
         if target is JobStatus.RUNNING and job.started_at is None:
             changes["started_at"] = now
         if target.finished:
@@ -281,6 +285,34 @@ class MemoryStateStore(StateStore):
             if job is not None and job.status.finished and search_id not in batch.counted:
                 await self._finish_batch_item(job)
         return batch.record
+
+    async def cancel_batch(self, batch_id: str, terminal_event: bytes) -> BatchRecord:
+        if not isinstance(terminal_event, bytes):
+            raise TypeError(f"event data must be bytes, got {type(terminal_event).__name__}")
+        batch = self._existing_batch(batch_id)
+        for search_id in batch.items:
+            job = self._jobs.get(search_id)
+            if job is None:
+                continue
+            if job.status.finished:  # counted if it was not, as reconcile_batch does
+                await self._finish_batch_item(job)
+            elif job.status is not JobStatus.QUEUED:  # running: its orchestrator stops it
+                self._cancelled.add(search_id)
+            else:
+                await self.update_job(
+                    search_id,
+                    status=JobStatus.CANCELLED,
+                    error="cancelled",
+                    error_kind=ErrorKind.CANCELLED,
+                )
+                if not self._log(search_id).closed:
+                    await self.append_event(search_id, terminal_event, terminal=True)
+        return batch.record
+
+    async def open_batch_items(self) -> int:
+        self._purge()
+        records = [batch.record for batch in self._batches.values()]
+        return sum(r.size - r.finished for r in records if not r.done)
 
     async def _finish_batch_item(self, job: JobRecord) -> bool:
         """Count a finished item in its batch, once; True if this call counted it."""

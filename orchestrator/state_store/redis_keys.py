@@ -7,6 +7,9 @@ in one Redis Cluster slot and a Lua script may touch them all.
     lodestar:{<id>}:cancel      STRING  "1" once cancellation is requested
     lodestar:jobs:unfinished    ZSET    search id -> lease expiry (creation time if never
                                         claimed): claimable when the score is in the past
+    lodestar:wake:<store>:<n>   STREAM  wakes shared stream reader n of one store object
+                                        (`redis_stream_reader`); MAXLEN 1, expires 60 s after
+                                        its last wake
 
 A batch's keys share the hash tag `{<batch_id>}` (a slot of their own, whatever its items' slots):
 
@@ -16,10 +19,14 @@ A batch's keys share the hash tag `{<batch_id>}` (a slot of their own, whatever 
     lodestar:batch:{<id>}:counted  SET     search ids already counted: the finish step's guard
     lodestar:batch:{<id>}:results  STREAM  ids 0-1, 0-2, ... in finish order; fields
                                            s = search id, i = batch_index, st = status
+    lodestar:batches:open          SET     ids of batches written in full and perhaps not
+                                           done: what `open_batch_items` sums over; done and
+                                           expired ones are dropped when met
 
 The `jobs:unfinished` index lives in its own slot, so scripts never touch it: it is updated
-beside them and self-heals (ids of missing or finished jobs are dropped when met). Likewise a
-job and its batch are in different slots, so finishing a batch item is two scripts, job first.
+beside them and self-heals (ids of missing or finished jobs are dropped when met), as does
+`batches:open`. Likewise a job and its batch are in different slots, so finishing a batch item
+is two scripts, job first.
 """
 
 from __future__ import annotations
@@ -63,3 +70,11 @@ class BatchKeys:
 
 def unfinished_index(prefix: str) -> str:
     return f"{prefix}:jobs:unfinished"
+
+
+def wake_key(prefix: str, store: str, shard: int) -> str:
+    return f"{prefix}:wake:{store}:{shard}"
+
+
+def open_batches(prefix: str) -> str:
+    return f"{prefix}:batches:open"

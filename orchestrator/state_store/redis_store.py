@@ -2,9 +2,11 @@
 
 Writes that check state run as Lua scripts (`redis_scripts`); keys follow `redis_keys`. Two
 bounded pools: one for ordinary commands, one for blocking stream reads, so streaming clients can
-never starve checkpoint writes. Socket, pool and per-call timeouts bound every method, and any
-connection failure surfaces as `StateStoreUnavailable`; connections are re-made on the next
-call, so the same store object works again once Redis is back.
+never starve checkpoint writes; waits for stream entries (`read_events`, `read_batch_results` with
+`wait_s`), however many, share the blocking pool's connections (`redis_stream_reader`). Socket,
+pool and per-call timeouts bound every method, and any connection failure surfaces as
+`StateStoreUnavailable`; connections are re-made on the next call, so the same store object
+works again once Redis is back.
 
 Job hash fields: algorithm, params (JSON), problem (JSON), seed, budget (JSON), batch_id,
 batch_index, status, created_at, started_at, finished_at, owner, lease_expires_at, spend (JSON),
@@ -65,7 +67,18 @@ from lodestar.orchestrator.state_store.base import (
     validate_read,
     validate_write,
 )
-from lodestar.orchestrator.state_store.redis_keys import BatchKeys, SearchKeys, unfinished_index
+from lodestar.orchestrator.state_store.redis_keys import (
+    BatchKeys,
+    SearchKeys,
+    open_batches,
+    unfinished_index,
+)
+from lodestar.orchestrator.state_store.redis_stream_reader import (
+    Entry,
+    SharedStreamReader,
+    entry_offset,
+)
+from lodestar.workers.messages import ErrorKind
 
 T = TypeVar("T")
 
@@ -98,7 +111,8 @@ class RedisStoreConfig(StoreConfig):
     key_prefix: str = "lodestar"
     max_connections: int = 64
     max_stream_readers: int = 64
-    """Connections for blocking `read_events` waits; each waiting reader holds one."""
+    """Connections for blocking stream waits (`read_events`, `read_batch_results`), shared by
+    every waiter: each runs one XREAD over a shard of the waited-on streams."""
     pool_timeout_s: float = 1.0
     socket_timeout_s: float = 1.0
     connect_timeout_s: float = 1.0
@@ -119,10 +133,23 @@ class RedisStoreConfig(StoreConfig):
 class RedisStateStore(StateStore):
     def __init__(self, config: RedisStoreConfig | None = None) -> None:
         self.config = config = config or RedisStoreConfig()
-        self._redis = Redis(connection_pool=self._pool(config.max_connections))
-        self._streams = Redis(connection_pool=self._pool(config.max_stream_readers))
-        self._index = unfinished_index(config.key_prefix)
+        # Blocking reads wait in slices this long: a hung Redis shows within slice + timeout.
         self._max_block_s = max(0.01, config.socket_timeout_s / 2)
+        self._redis = Redis(connection_pool=self._pool(config.max_connections))
+        # A blocking read's reply is due a slice after it is sent; the socket timeout runs from
+        # there, so a busy event loop is no likelier to time out a stream reader than a write.
+        readers = self._pool(config.max_stream_readers, self._max_block_s)
+        self._streams = Redis(connection_pool=readers)
+        self._index = unfinished_index(config.key_prefix)
+        self._open_batches = open_batches(config.key_prefix)
+        self._waits = SharedStreamReader(
+            self._streams,
+            self._redis,
+            prefix=config.key_prefix,
+            shards=config.max_stream_readers,
+            block_s=self._max_block_s,
+            call_timeout_s=config.op_timeout_s + self._max_block_s,
+        )
         register = self._redis.register_script
         self._create = register(redis_scripts.CREATE_JOB)
         self._update = register(redis_scripts.UPDATE_JOB)
@@ -135,14 +162,14 @@ class RedisStateStore(StateStore):
         self._create_batch = register(redis_scripts.CREATE_BATCH)
         self._finish_item = register(redis_scripts.FINISH_BATCH_ITEM)
 
-    def _pool(self, size: int) -> BlockingConnectionPool:
+    def _pool(self, size: int, block_s: float = 0.0) -> BlockingConnectionPool:
         c = self.config
         return BlockingConnectionPool.from_url(
             c.url,
             password=c.password,
             max_connections=size,
             timeout=c.pool_timeout_s,
-            socket_timeout=c.socket_timeout_s,
+            socket_timeout=c.socket_timeout_s + block_s,
             socket_connect_timeout=c.connect_timeout_s,
             # No retries: a retried script whose first run landed would report a false StaleWriter
             # or publish an event twice. Dropped connections are re-dialled at checkout anyway.
@@ -189,6 +216,7 @@ class RedisStateStore(StateStore):
             await self._redis.ping()
 
     async def close(self) -> None:
+        await self._waits.close()
         await self._redis.aclose(close_connection_pool=True)
         await self._streams.aclose(close_connection_pool=True)
 
@@ -249,6 +277,7 @@ class RedisStateStore(StateStore):
         spend: Mapping[str, float] | None = None,
         result: str | None = None,
         error: str | None = None,
+        error_kind: ErrorKind | None = None,
     ) -> JobRecord:
         """`update_job` without its batch step: the job's own script and index upkeep."""
         keys = self._keys(search_id)
@@ -262,6 +291,8 @@ class RedisStateStore(StateStore):
             fields += ["result", result]
         if error is not None:
             fields += ["error", error]
+        if error_kind is not None:
+            fields += ["error_kind", ErrorKind(error_kind).value]
         async with self._guard("update_job"):
             reply = await self._update(keys=keys, args=[target or "", allowed, ttl_ms, *fields])
             verdict = _text(reply[0])
@@ -374,16 +405,27 @@ class RedisStateStore(StateStore):
         self, search_id: str, after: int = 0, *, limit: int = 100, wait_s: float = 0.0
     ) -> list[ProgressEvent]:
         validate_read(after, limit, wait_s)
-        streams = {self._keys(search_id)[2]: f"0-{after}"}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
+        key = self._keys(search_id)[2]
+        deadline = asyncio.get_running_loop().time() + wait_s
         async with self._guard("read_events", extra_s=wait_s):
-            reply = await self._redis.xread(streams, count=limit)
-            # Block in slices shorter than the socket timeout, so a long wait is not an outage.
-            while not reply and (remaining := deadline - loop.time()) > 0:
-                block_ms = max(1, round(min(remaining, self._max_block_s) * 1000))
-                reply = await self._streams.xread(streams, count=limit, block=block_ms)
-        return [_event(i, f) for _, entries in reply or [] for i, f in entries]
+            entries: list[Entry] = []
+            if not (wait_s > 0 and self._waits.reading(key)):
+                reply = await self._redis.xread({key: f"0-{after}"}, count=limit)
+                entries = [entry for _, found in reply or [] for entry in found]
+            if not entries and wait_s > 0:
+                entries = await self._wait(key, after, limit, deadline)
+        return [_event(i, f) for i, f in entries]
+
+    async def _wait(self, key: str, after: int, limit: int, deadline: float) -> list[Entry]:
+        """The entries of stream `key` after `after` once one arrives, or [] at `deadline`
+        (loop time); the wait holds no connection of its own (see `redis_stream_reader`)."""
+        try:
+            async with asyncio.timeout_at(deadline) as timeout:
+                return await self._waits.wait(key, after, limit)
+        except TimeoutError:
+            if timeout.expired():
+                return []
+            raise
 
     # -- batches --------------------------------------------------------------------------------
 
@@ -435,6 +477,8 @@ class RedisStateStore(StateStore):
                 pipe.zadd(self._index, {i: made[i] for i in chunk}, xx=True)
 
             await self._chunked(ids, release)
+            # Last, so a batch cut short by a crash never counts against the open-items limit.
+            await self._redis.sadd(self._open_batches, batch_id)
         return BatchRecord(batch_id, len(specs), settings, float(created_at), batch_counts())
 
     async def _roll_back_batch(
@@ -466,26 +510,23 @@ class RedisStateStore(StateStore):
     ) -> list[BatchResult]:
         validate_read(after, limit, wait_s)
         keys = self._batch_keys(batch_id)
-        streams = {keys[3]: f"0-{after}"}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_s
+        deadline = asyncio.get_running_loop().time() + wait_s
         async with self._guard("read_batch_results", extra_s=wait_s):
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.exists(keys[0])
-                pipe.xread(streams, count=limit)
+                pipe.xread({keys[3]: f"0-{after}"}, count=limit)
                 found, reply = await pipe.execute()
             if not found:
                 raise BatchNotFound(batch_id)
-            # Block in slices shorter than the socket timeout, as read_events does.
-            while not reply and (remaining := deadline - loop.time()) > 0:
-                block_ms = max(1, round(min(remaining, self._max_block_s) * 1000))
-                reply = await self._streams.xread(streams, count=limit, block=block_ms)
-        return [_batch_result(i, f) for _, entries in reply or [] for i, f in entries]
+            entries = [entry for _, got in reply or [] for entry in got]
+            if not entries and wait_s > 0:
+                entries = await self._wait(keys[3], after, limit, deadline)
+        return [_batch_result(i, f) for i, f in entries]
 
-    async def reconcile_batch(self, batch_id: str) -> BatchRecord:
+    async def _uncounted(self, batch_id: str, what: str) -> tuple[list[str], list[str]]:
+        """(every item's search id in batch order, those not yet counted as finished)."""
         keys = self._batch_keys(batch_id)
-        guard = self._guard("reconcile_batch")
-        async with guard, self._redis.pipeline(transaction=False) as pipe:
+        async with self._guard(what), self._redis.pipeline(transaction=False) as pipe:
             pipe.exists(keys[0])
             pipe.lrange(keys[1], 0, -1)
             pipe.smembers(keys[2])
@@ -493,7 +534,12 @@ class RedisStateStore(StateStore):
         if not found:
             raise BatchNotFound(batch_id)
         counted_ids = {_text(i) for i in counted}
-        pending = [i for i in map(_text, items) if i not in counted_ids]
+        ids = [_text(i) for i in items]
+        return ids, [i for i in ids if i not in counted_ids]
+
+    async def reconcile_batch(self, batch_id: str) -> BatchRecord:
+        keys = self._batch_keys(batch_id)
+        _, pending = await self._uncounted(batch_id, "reconcile_batch")
         async with self._guard("reconcile_batch", extra_s=len(pending) * BATCH_ITEM_S):
 
             async def read(pipe: Pipeline, chunk: Sequence[str]) -> None:
@@ -513,6 +559,74 @@ class RedisStateStore(StateStore):
         if not fields:  # it was done and has expired since
             raise BatchNotFound(batch_id)
         return _batch_from_hash(batch_id, fields)
+
+    async def cancel_batch(self, batch_id: str, terminal_event: bytes) -> BatchRecord:
+        """Two pipelined passes over the uncounted items, a round trip per chunk each: first
+        UPDATE_JOB (queued -> cancelled) on every one, then, by what it found, the batch count,
+        index removal and terminal event (cancelled now), the count alone (finished before,
+        uncounted) or the cancel flag (running). Flags follow the update, so no flag key is
+        left behind for a job that does not exist."""
+        if not isinstance(terminal_event, bytes):
+            raise TypeError(f"event data must be bytes, got {type(terminal_event).__name__}")
+        keys = self._batch_keys(batch_id)
+        items, pending = await self._uncounted(batch_id, "cancel_batch")
+        index_of = {search_id: i for i, search_id in enumerate(items)}
+        ttl_ms = self._ttl_ms
+        fields = ["error", "cancelled", "error_kind", ErrorKind.CANCELLED.value]
+        update_args = [JobStatus.CANCELLED.value, JobStatus.QUEUED.value, ttl_ms, *fields]
+        async with self._guard("cancel_batch", extra_s=2 * len(pending) * BATCH_ITEM_S):
+
+            async def cancel_queued(pipe: Pipeline, chunk: Sequence[str]) -> None:
+                for search_id in chunk:
+                    await self._update(keys=self._keys(search_id), args=update_args, client=pipe)
+
+            replies = await self._chunked(pending, cancel_queued)
+            found_now = [  # (id, verdict, status it was in when not cancelled now)
+                (search_id, _text(reply[0]), _text(reply[1]) if reply[0] != b"ok" else "")
+                for search_id, reply in zip(pending, replies, strict=True)
+                if len(reply) > 1  # "missing": expired, or never written (a crashed create)
+            ]
+
+            async def settle(pipe: Pipeline, chunk: Sequence[tuple[str, str, str]]) -> None:
+                for search_id, verdict, status in chunk:
+                    search_keys = self._keys(search_id)
+                    if verdict == "invalid":  # running: its orchestrator stops it
+                        await self._cancel(keys=search_keys, args=[], client=pipe)
+                        continue
+                    if verdict == "ok":
+                        status = JobStatus.CANCELLED.value
+                        pipe.zrem(self._index, search_id)
+                        event_args = [self.config.events_maxlen, "1", terminal_event]
+                        await self._append(keys=search_keys, args=event_args, client=pipe)
+                    args = [search_id, index_of[search_id], status, ttl_ms]
+                    await self._finish_item(keys=keys, args=args, client=pipe)
+
+            await self._chunked(found_now, settle)
+            meta = await self._redis.hgetall(keys[0])
+        if not meta:  # it was done and has expired since
+            raise BatchNotFound(batch_id)
+        return _batch_from_hash(batch_id, meta)
+
+    async def open_batch_items(self) -> int:
+        async with self._guard("open_batch_items"):
+            ids = sorted(map(_text, await self._redis.smembers(self._open_batches)))
+            counted = [status.value for status in BATCH_COUNTED]
+
+            async def read(pipe: Pipeline, chunk: Sequence[str]) -> None:
+                for batch_id in chunk:
+                    pipe.hmget(self._batch_keys(batch_id)[0], ["size", *counted])
+
+            rows = await self._chunked(ids, read)
+            open_items, closed = 0, []
+            for batch_id, (size, *finished) in zip(ids, rows, strict=True):
+                left = 0 if size is None else int(size) - sum(int(n or 0) for n in finished)
+                if left > 0:
+                    open_items += left
+                else:  # done, or expired after it was done
+                    closed.append(batch_id)
+            if closed:
+                await self._redis.srem(self._open_batches, *closed)
+        return open_items
 
     async def _finish_batch_item(self, job: JobRecord) -> bool:
         """The batch half of finishing an item (its own script, the batch's slot); idempotent.
@@ -547,8 +661,7 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _offset(stream_id: bytes | str) -> int:
-    return int(_text(stream_id).partition("-")[2])
+_offset = entry_offset
 
 
 def _event(stream_id: bytes, fields: Mapping[bytes, bytes]) -> ProgressEvent:
@@ -627,4 +740,5 @@ def _job_from_hash(search_id: str, raw: Mapping[bytes, bytes]) -> JobRecord:
         spend=loaded("spend") or {},
         result=h.get("result"),
         error=h.get("error"),
+        error_kind=ErrorKind(h["error_kind"]) if "error_kind" in h else None,
     )

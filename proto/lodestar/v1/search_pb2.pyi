@@ -93,7 +93,7 @@ class SelfConsistencyParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., n: _Optional[int] = ...) -> None: ...
 
 class BeamParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "m", "selection", "stop_after")
+    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "m", "selection", "stop_after", "final_round", "filter_duplicates")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,8 @@ class BeamParams(_message.Message):
     M_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
     STOP_AFTER_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ROUND_FIELD_NUMBER: _ClassVar[int]
+    FILTER_DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     max_steps: int
@@ -114,10 +116,12 @@ class BeamParams(_message.Message):
     m: int
     selection: str
     stop_after: int
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., selection: _Optional[str] = ..., stop_after: _Optional[int] = ...) -> None: ...
+    final_round: bool
+    filter_duplicates: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., selection: _Optional[str] = ..., stop_after: _Optional[int] = ..., final_round: _Optional[bool] = ..., filter_duplicates: _Optional[bool] = ...) -> None: ...
 
 class DvtsParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "m", "selection")
+    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "m", "selection", "final_round")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +131,7 @@ class DvtsParams(_message.Message):
     N_FIELD_NUMBER: _ClassVar[int]
     M_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
+    FINAL_ROUND_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_p: float
     max_steps: int
@@ -136,7 +141,8 @@ class DvtsParams(_message.Message):
     n: int
     m: int
     selection: str
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., selection: _Optional[str] = ...) -> None: ...
+    final_round: bool
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., m: _Optional[int] = ..., selection: _Optional[str] = ..., final_round: _Optional[bool] = ...) -> None: ...
 
 class ParticleFilterParams(_message.Message):
     __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "softmax_temperature", "resampling", "finished", "selection", "ess_threshold")
@@ -202,6 +208,38 @@ class EntropicParticleFilterParams(_message.Message):
     lam: float
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., softmax_temperature: _Optional[float] = ..., resampling: _Optional[str] = ..., finished: _Optional[str] = ..., selection: _Optional[str] = ..., ess_threshold: _Optional[float] = ..., early_phase: _Optional[float] = ..., schedule: _Optional[str] = ..., lookahead: _Optional[bool] = ..., lam: _Optional[float] = ...) -> None: ...
 
+class ParticleGibbsParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "softmax_temperature", "resampling", "finished", "selection", "ess_threshold", "num_iterations", "num_ref_particles")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_DELIMITER_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    SOFTMAX_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    RESAMPLING_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    ESS_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NUM_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REF_PARTICLES_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    max_steps: int
+    max_step_tokens: int
+    step_delimiter: str
+    aggregation: str
+    n: int
+    softmax_temperature: float
+    resampling: str
+    finished: str
+    selection: str
+    ess_threshold: float
+    num_iterations: int
+    num_ref_particles: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., softmax_temperature: _Optional[float] = ..., resampling: _Optional[str] = ..., finished: _Optional[str] = ..., selection: _Optional[str] = ..., ess_threshold: _Optional[float] = ..., num_iterations: _Optional[int] = ..., num_ref_particles: _Optional[int] = ...) -> None: ...
+
 class AStarParams(_message.Message):
     __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "aggregation", "n", "k", "max_expansions", "batch_width", "step_cost", "cost_weight", "selection")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -233,7 +271,7 @@ class AStarParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., aggregation: _Optional[str] = ..., n: _Optional[int] = ..., k: _Optional[int] = ..., max_expansions: _Optional[int] = ..., batch_width: _Optional[int] = ..., step_cost: _Optional[str] = ..., cost_weight: _Optional[float] = ..., selection: _Optional[str] = ...) -> None: ...
 
 class EarlyRejectionParams(_message.Message):
-    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "tau", "keep", "beam", "dvts", "pf", "epf", "astar")
+    __slots__ = ("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter", "tau", "keep", "rescore", "beam", "dvts", "pf", "epf", "astar")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +279,7 @@ class EarlyRejectionParams(_message.Message):
     STEP_DELIMITER_FIELD_NUMBER: _ClassVar[int]
     TAU_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    RESCORE_FIELD_NUMBER: _ClassVar[int]
     BEAM_FIELD_NUMBER: _ClassVar[int]
     DVTS_FIELD_NUMBER: _ClassVar[int]
     PF_FIELD_NUMBER: _ClassVar[int]
@@ -253,15 +292,16 @@ class EarlyRejectionParams(_message.Message):
     step_delimiter: str
     tau: int
     keep: float
+    rescore: bool
     beam: BeamParams
     dvts: DvtsParams
     pf: ParticleFilterParams
     epf: EntropicParticleFilterParams
     astar: AStarParams
-    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., tau: _Optional[int] = ..., keep: _Optional[float] = ..., beam: _Optional[_Union[BeamParams, _Mapping]] = ..., dvts: _Optional[_Union[DvtsParams, _Mapping]] = ..., pf: _Optional[_Union[ParticleFilterParams, _Mapping]] = ..., epf: _Optional[_Union[EntropicParticleFilterParams, _Mapping]] = ..., astar: _Optional[_Union[AStarParams, _Mapping]] = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., max_steps: _Optional[int] = ..., max_step_tokens: _Optional[int] = ..., step_delimiter: _Optional[str] = ..., tau: _Optional[int] = ..., keep: _Optional[float] = ..., rescore: _Optional[bool] = ..., beam: _Optional[_Union[BeamParams, _Mapping]] = ..., dvts: _Optional[_Union[DvtsParams, _Mapping]] = ..., pf: _Optional[_Union[ParticleFilterParams, _Mapping]] = ..., epf: _Optional[_Union[EntropicParticleFilterParams, _Mapping]] = ..., astar: _Optional[_Union[AStarParams, _Mapping]] = ...) -> None: ...
 
 class AlgorithmParams(_message.Message):
-    __slots__ = ("greedy", "best_of_n", "weighted_best_of_n", "self_consistency", "beam", "dvts", "pf", "epf", "astar", "early_rejection")
+    __slots__ = ("greedy", "best_of_n", "weighted_best_of_n", "self_consistency", "beam", "dvts", "pf", "epf", "astar", "early_rejection", "pg")
     GREEDY_FIELD_NUMBER: _ClassVar[int]
     BEST_OF_N_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_BEST_OF_N_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +312,7 @@ class AlgorithmParams(_message.Message):
     EPF_FIELD_NUMBER: _ClassVar[int]
     ASTAR_FIELD_NUMBER: _ClassVar[int]
     EARLY_REJECTION_FIELD_NUMBER: _ClassVar[int]
+    PG_FIELD_NUMBER: _ClassVar[int]
     greedy: GreedyParams
     best_of_n: BestOfNParams
     weighted_best_of_n: BestOfNParams
@@ -282,7 +323,8 @@ class AlgorithmParams(_message.Message):
     epf: EntropicParticleFilterParams
     astar: AStarParams
     early_rejection: EarlyRejectionParams
-    def __init__(self, greedy: _Optional[_Union[GreedyParams, _Mapping]] = ..., best_of_n: _Optional[_Union[BestOfNParams, _Mapping]] = ..., weighted_best_of_n: _Optional[_Union[BestOfNParams, _Mapping]] = ..., self_consistency: _Optional[_Union[SelfConsistencyParams, _Mapping]] = ..., beam: _Optional[_Union[BeamParams, _Mapping]] = ..., dvts: _Optional[_Union[DvtsParams, _Mapping]] = ..., pf: _Optional[_Union[ParticleFilterParams, _Mapping]] = ..., epf: _Optional[_Union[EntropicParticleFilterParams, _Mapping]] = ..., astar: _Optional[_Union[AStarParams, _Mapping]] = ..., early_rejection: _Optional[_Union[EarlyRejectionParams, _Mapping]] = ...) -> None: ...
+    pg: ParticleGibbsParams
+    def __init__(self, greedy: _Optional[_Union[GreedyParams, _Mapping]] = ..., best_of_n: _Optional[_Union[BestOfNParams, _Mapping]] = ..., weighted_best_of_n: _Optional[_Union[BestOfNParams, _Mapping]] = ..., self_consistency: _Optional[_Union[SelfConsistencyParams, _Mapping]] = ..., beam: _Optional[_Union[BeamParams, _Mapping]] = ..., dvts: _Optional[_Union[DvtsParams, _Mapping]] = ..., pf: _Optional[_Union[ParticleFilterParams, _Mapping]] = ..., epf: _Optional[_Union[EntropicParticleFilterParams, _Mapping]] = ..., astar: _Optional[_Union[AStarParams, _Mapping]] = ..., early_rejection: _Optional[_Union[EarlyRejectionParams, _Mapping]] = ..., pg: _Optional[_Union[ParticleGibbsParams, _Mapping]] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("max_generated_tokens", "max_prm_passes")
@@ -447,6 +489,12 @@ class SubmitBatchRequest(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[BatchItem, _Mapping]]] = ..., params: _Optional[_Union[AlgorithmParams, _Mapping]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., seed: _Optional[int] = ..., batch_id: _Optional[str] = ...) -> None: ...
 
 class GetBatchRequest(_message.Message):
+    __slots__ = ("batch_id",)
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    def __init__(self, batch_id: _Optional[str] = ...) -> None: ...
+
+class CancelBatchRequest(_message.Message):
     __slots__ = ("batch_id",)
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     batch_id: str

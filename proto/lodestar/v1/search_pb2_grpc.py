@@ -69,6 +69,11 @@ class SearchServiceStub:
                 request_serializer=lodestar_dot_v1_dot_search__pb2.StreamBatchResultsRequest.SerializeToString,
                 response_deserializer=lodestar_dot_v1_dot_search__pb2.BatchItemResult.FromString,
                 _registered_method=True)
+        self.CancelBatch = channel.unary_unary(
+                '/lodestar.v1.SearchService/CancelBatch',
+                request_serializer=lodestar_dot_v1_dot_search__pb2.CancelBatchRequest.SerializeToString,
+                response_deserializer=lodestar_dot_v1_dot_search__pb2.BatchStatus.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -122,6 +127,15 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelBatch(self, request, context):
+        """Cancel every unfinished item: queued ones never start, running ones stop before their next
+        step (each ends CANCELLED, or SUCCEEDED if it finished first). Returns the counts as they
+        are then; the batch is `done` once its running items have stopped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +173,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.StreamBatchResults,
                     request_deserializer=lodestar_dot_v1_dot_search__pb2.StreamBatchResultsRequest.FromString,
                     response_serializer=lodestar_dot_v1_dot_search__pb2.BatchItemResult.SerializeToString,
+            ),
+            'CancelBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelBatch,
+                    request_deserializer=lodestar_dot_v1_dot_search__pb2.CancelBatchRequest.FromString,
+                    response_serializer=lodestar_dot_v1_dot_search__pb2.BatchStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +369,33 @@ class SearchService:
             '/lodestar.v1.SearchService/StreamBatchResults',
             lodestar_dot_v1_dot_search__pb2.StreamBatchResultsRequest.SerializeToString,
             lodestar_dot_v1_dot_search__pb2.BatchItemResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lodestar.v1.SearchService/CancelBatch',
+            lodestar_dot_v1_dot_search__pb2.CancelBatchRequest.SerializeToString,
+            lodestar_dot_v1_dot_search__pb2.BatchStatus.FromString,
             options,
             channel_credentials,
             insecure,
