@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lodestar.orchestrator.algorithms.answers import canonicalize, extract_boxed
+from lodestar.orchestrator.algorithms.answers import canonicalize, extract_boxed, matches_reference
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
 
 
@@ -25,6 +25,8 @@ class EvalProblem:
     """Reference final answer, canonical form."""
     group: str
     """Difficulty or source label, for per-group tables."""
+    reference: str | None = None
+    """The reference as written (`\\boxed{}` unwrapped), which math-verify reads; None: `answer`."""
 
 
 def synthetic(per_group: int, ops: Sequence[int] = (2, 3, 4), seed: int = 0) -> list[EvalProblem]:
@@ -40,7 +42,7 @@ def synthetic(per_group: int, ops: Sequence[int] = (2, 3, 4), seed: int = 0) -> 
 
 def from_jsonl(path: Path, limit: int | None = None) -> list[EvalProblem]:
     """One `{"problem": str, "answer": str | number, "id"?: str}` per line. A `\\boxed{}` answer
-    is unwrapped; answers are compared canonicalised (`answers.canonicalize`)."""
+    is unwrapped; answers are compared canonicalised, then by math-verify (`is_correct`)."""
     problems: list[EvalProblem] = []
     seen: set[str] = set()
     with path.open(encoding="utf-8") as f:
@@ -57,12 +59,13 @@ def from_jsonl(path: Path, limit: int | None = None) -> list[EvalProblem]:
             if not isinstance(problem, str) or not problem.strip():
                 raise DatasetError(f"{path}:{number}: problem must be a non-empty string")
             answer = str(answer)
-            reference = canonicalize(extract_boxed(answer) or answer)
+            written = extract_boxed(answer) or answer
             pid = str(doc.get("id", number))
             if pid in seen:
                 raise DatasetError(f"{path}:{number}: duplicate id {pid!r}")
             seen.add(pid)
-            problems.append(EvalProblem(pid, problem, reference, str(doc.get("group", path.stem))))
+            group = str(doc.get("group", path.stem))
+            problems.append(EvalProblem(pid, problem, canonicalize(written), group, written))
             if limit is not None and len(problems) >= limit:
                 break
     if not problems:
@@ -70,6 +73,14 @@ def from_jsonl(path: Path, limit: int | None = None) -> list[EvalProblem]:
     return problems
 
 
+def as_written(text: str, final_answer: str | None) -> str | None:
+    """A solution's `\\boxed{}` content as written (math-verify reads the LaTeX canonicalising
+    strips), given its text and canonical final answer; None when it has no answer."""
+    return None if final_answer is None else extract_boxed(text) or final_answer
+
+
 def is_correct(problem: EvalProblem, final_answer: str | None) -> bool:
-    """Canonicalised `\\boxed{}` comparison (results carry the canonical boxed content)."""
-    return final_answer is not None and canonicalize(final_answer) == problem.answer
+    """Whether a `\\boxed{}` content (canonical, as results carry it, or as written) is the
+    reference answer: equal canonicalised, or else equivalent by math-verify (`\\frac12` and
+    `0.5`, `x=3` and `3`); plain numbers compare as canonical strings only."""
+    return matches_reference(final_answer, problem.reference or problem.answer)

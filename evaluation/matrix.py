@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lodestar.evaluation.datasets import EvalProblem, is_correct
+from lodestar.evaluation.datasets import EvalProblem, as_written, is_correct
+from lodestar.orchestrator.algorithms.particle_gibbs import ParticleGibbsParams
 from lodestar.orchestrator.algorithms.registry import ParamError, start_search
 from lodestar.orchestrator.batching import Workers
 from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
@@ -23,8 +24,11 @@ from lodestar.services.batch_files import cut_torn_tail
 BUDGET_FREE = frozenset({"greedy"})
 """Algorithms whose budget does nothing: run once, at budget 1."""
 BEAM_LIKE, BEAM_WIDTH = frozenset({"beam", "dvts"}), 4
-WEIGHTED = frozenset({"pf", "epf"})
-"""Algorithms whose candidates carry particle weights: expected accuracy is reported."""
+WEIGHTED = frozenset({"pf", "epf", "pg"})
+"""Algorithms whose candidates carry particle weights: expected accuracy is reported (PG's are
+its last sweep's final weights, references included)."""
+SWEPT = frozenset({"pg"})
+"""Algorithms whose budget is particles x sweeps (its_hub's ParticleGibbs): n = budget // sweeps."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,8 @@ class Matrix:
         if variant.algorithm in BEAM_LIKE and "m" not in params:
             # n must be a multiple of the beam width m: below the default width, narrow it.
             params["m"] = math.gcd(budget, BEAM_WIDTH)
+        if variant.algorithm in SWEPT and "n" not in variant.params:
+            params |= _swept(budget, variant.params)
         return params
 
     def cells(self) -> Iterator[tuple[Variant, int]]:
@@ -102,6 +108,22 @@ class Matrix:
         return {"max_generated_tokens": self.max_generated_tokens}
 
 
+def _swept(budget: int, params: dict[str, Any]) -> dict[str, Any]:
+    """PG at budget B: n = B // sweeps particles per sweep and, unless the row sets them, no more
+    sweeps than B (budget 1 is PF with one particle) and no more references than n - 1."""
+    fields = ParticleGibbsParams.model_fields
+    sweeps = params.get("num_iterations", fields["num_iterations"].default)
+    if not isinstance(sweeps, int) or sweeps < 1:
+        return {}  # validation names the bad field
+    out: dict[str, Any] = {}
+    if "num_iterations" not in params and sweeps > budget:
+        sweeps = out["num_iterations"] = max(1, budget)
+    n = out["n"] = max(1, budget // sweeps)
+    if "num_ref_particles" not in params:
+        out["num_ref_particles"] = min(fields["num_ref_particles"].default, n - 1)
+    return out
+
+
 def run_key(label: str, budget: int, seed: int, problem_id: str) -> str:
     return f"{label}|{budget}|{seed}|{problem_id}"
 
@@ -124,7 +146,10 @@ def expected_accuracy(problem: EvalProblem, candidates: Sequence[dict[str, Any]]
     total = sum(c["weight"] for c in candidates)
     if not candidates or total <= 0 or not math.isfinite(total):
         return 0.0
-    return sum(c["weight"] * is_correct(problem, c["final_answer"]) for c in candidates) / total
+    right = [
+        is_correct(problem, as_written(c.get("text", ""), c["final_answer"])) for c in candidates
+    ]
+    return sum(c["weight"] * r for c, r in zip(candidates, right, strict=True)) / total
 
 
 def run_row(
@@ -150,7 +175,7 @@ def run_row(
     spend = result["spend"]
     row |= {
         "final_answer": result["final_answer"],
-        "correct": is_correct(problem, result["final_answer"]),
+        "correct": is_correct(problem, as_written(result["answer"], result["final_answer"])),
         "generated_tokens": spend["generated_tokens"],
         "prm_passes": spend["prm_passes"],
         "policy_calls": spend["policy_calls"],

@@ -8,11 +8,13 @@ about 0.75 for a step of a still-correct solution, about 0.25 after an error. Gr
 many problems is about (1 - p_err) ** (length + 1).
 
 Steps are made of whitespace pieces, one "token" each, so token caps and partial steps
-(early rejection) behave as with a real tokenizer.
+(early rejection) behave as with a real tokenizer. An empty step delimiter (a final round) runs
+on step after step to the boxed answer and then EOS (one more token), or to the cap.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections.abc import Sequence
@@ -54,15 +56,12 @@ def is_correct(problem: Prompt, text: str) -> bool:
 def _pieces(text: str) -> list[str]:
     """Split text into its scripted tokens: words with their leading space, and the delimiter."""
     out: list[str] = []
-    body = text
-    tail = ""
-    if body.endswith(DELIM):
-        body, tail = body[: -len(DELIM)], DELIM
-    for i, w in enumerate(body.split(" ")):
-        if w:
-            out.append(w if i == 0 else " " + w)
-    if tail:
-        out.append(tail)
+    for k, body in enumerate(text.split(DELIM)):
+        if k:
+            out.append(DELIM)
+        for i, w in enumerate(body.split(" ")):
+            if w:
+                out.append(w if i == 0 else " " + w)
     return out
 
 
@@ -91,15 +90,36 @@ class ScriptedWorld:
             return ["so", f" \\boxed{{{true_answer(req.prompt)}}}", DELIM]
         return [f"s{i}", " bad" if errs else " ok", *([" w"] * FILLER), DELIM]
 
+    def _to_end(self, req: ExtendRequest, cap: int) -> list[str]:
+        """The pieces still to come without a step stop: the open step, then the next ones (each
+        seeded from the request's seed) through the boxed answer, or more than `cap` of them."""
+        *closed, open_step = req.partial_step.split(DELIM)
+        steps = [*req.steps, *(s + DELIM for s in closed)]
+        cur = dataclasses.replace(req, steps=tuple(steps), partial_step=open_step)
+        rest: list[str] = []
+        while len(rest) <= cap:
+            full = self._full_step(cur)
+            rest += full[len(_pieces(cur.partial_step)) :]
+            if final_answer("".join(full)) is not None:
+                return rest
+            steps.append("".join(full))
+            seed = _h("to_end", req.seed, len(steps))
+            cur = dataclasses.replace(req, steps=tuple(steps), partial_step="", seed=seed)
+        return rest
+
     def _extend_one(self, req: ExtendRequest) -> StepOutput:
-        full = self._full_step(req)
-        done = len(_pieces(req.partial_step)) if req.partial_step else 0
-        rest = full[done:]
         cap = req.sampling.max_step_tokens
         if req.max_new_tokens is not None:
             cap = min(cap, req.max_new_tokens)
-        out = rest[:cap]
-        stop = "delimiter" if len(out) == len(rest) else "length"
+        if req.sampling.step_delimiter:
+            full = self._full_step(req)
+            rest = full[len(_pieces(req.partial_step)) :]
+            out = rest[:cap]
+            stop = "delimiter" if len(out) == len(rest) else "length"
+        else:  # no step stop: to the answer, then EOS when the cap leaves room for it
+            rest = self._to_end(req, cap)
+            out = rest[:cap]
+            stop = "eos" if len(rest) < cap else "length"
         prefix = sum(len(_pieces(s)) for s in req.steps) + 1
         logprob = -0.1 * len(out) + (math.log(self.p_err) if " bad" in "".join(out) else 0.0)
         return StepOutput(
@@ -107,7 +127,7 @@ class ScriptedWorld:
             text="".join(out),
             token_ids=tuple(_h(p) % 1000 for p in out),
             logprob=logprob,
-            num_tokens=len(out),
+            num_tokens=len(out) + (stop == "eos"),
             prompt_tokens=prefix,
             stop_reason=stop,
         )
@@ -142,3 +162,17 @@ class ScriptedWorld:
 
 def problems(n: int, prefix: str = "task") -> list[str]:
     return [f"{prefix}-{i}" for i in range(n)]
+
+
+@dataclass
+class NoisyRewardWorld(ScriptedWorld):
+    """The scripted task with a reward that is right on average but misleads one read in four:
+    a step's reward is 0.75 or 0.25 (still correct or not) plus uniform noise of +-0.45, so a
+    wrong step outscores a right one often. Six reasoning steps at p_err 0.25 leave greedy about
+    0.12 and most single samples wrong; picking one finished sample by its noisy score
+    (best-of-N) finds a right one about 0.6 of the time, while resampling on every step's noisy
+    read (PF) compounds the evidence to about 0.8; resampling uniformly falls to about 0.35."""
+
+    p_err: float = 0.25
+    length: int = 6
+    noise: float = 0.45

@@ -183,6 +183,73 @@ def test_no_two_kept_states_have_the_same_steps():
         assert state.duplicates > 0  # the plain scripted world repeats itself a lot
 
 
+class UniqueWorld(ScriptedWorld):
+    """Every sampled step starts with a seed-drawn word, so no two samples repeat, and a partial
+    step's first tau >= 1 tokens (early rejection's head) already tell siblings apart."""
+
+    def _full_step(self, req: ExtendRequest) -> list[str]:
+        full = super()._full_step(req)
+        if not req.partial_step and req.sampling.temperature > 0:
+            full[0] += f"v{int(np.random.default_rng([req.seed, 11]).integers(0, 10**9))}"
+        return full
+
+
+@pytest.mark.parametrize("max_expansions", [2, 3])
+def test_a_node_whose_samples_repeat_seen_states_is_reopened_with_its_f(max_expansions):
+    """p_err = 0: all k samples of a step are one text, so every expansion finds 1 new state (or
+    none) and k - 1 repeats: each node is reopened, with its own f and g, until max_expansions."""
+    world = ScriptedWorld(p_err=0.0, length=3)
+    state = _init("task-1", 5, k=4, max_expansions=max_expansions)
+    while not ASTAR.is_done(state):
+        state = _advance(state, world)
+    assert len(state.expanded) == 4  # the prompt and three steps: the one solution is not opened
+    assert set(state.expanded.values()) == {max_expansions}
+    first = {}
+    for x in state.expansions:
+        assert (x.f, x.g) == first.setdefault(x.seq_id, (x.f, x.g))
+    assert state.duplicates == 4 * 4 * max_expansions - 4  # all repeats, but the 4 first finds
+    assert state.common.stop_reason == "exhausted" and len(state.solutions) == 1
+
+
+@pytest.mark.parametrize("early_rejection", [False, True])
+def test_a_node_whose_samples_are_all_new_is_never_reopened(early_rejection):
+    """Reopening is for repeats only: a successor early rejection killed is no repeat."""
+    rejected = 0
+    for seed in range(6):
+        world = UniqueWorld(noise=0.4)
+        state = _init(f"task-{seed}", seed)
+        if early_rejection:  # rescore: the second phase's PRM passes show that it ran
+            state.common.early_rejection = EarlyRejection(tau=2, keep=0.5, rescore=True)
+        while not ASTAR.is_done(state):
+            state = _advance(state, world)
+        assert state.duplicates == 0 and set(state.expanded.values()) == {1}
+        assert len(state.expansions) == len(state.expanded)  # the prompt too: once
+        rejected += state.common.spend.prm_passes > 4 * len(state.expansions)  # two phases ran
+    assert rejected == (6 if early_rejection else 0)
+
+
+def test_a_star_with_early_rejection_spends_no_more_than_without_on_distinct_samples():
+    spend = {}
+    for early_rejection in (False, True):
+        tokens = passes = expansions = 0
+        for i, p in enumerate(problems(40)):
+            world = UniqueWorld(noise=0.4)
+            state = _init(p, i)
+            if early_rejection:
+                state.common.early_rejection = EarlyRejection(tau=2, keep=0.5)
+            result = asyncio.run(run_search(ASTAR, state, world, world))
+            tokens, passes = (
+                tokens + result.spend.generated_tokens,
+                passes + result.spend.prm_passes,
+            )
+            expansions += len(state.expansions)
+        spend[early_rejection] = tokens, passes, expansions
+    (tokens, passes, expansions), (tokens_er, passes_er, expansions_er) = spend[False], spend[True]
+    assert tokens_er <= tokens and expansions_er <= expansions, spend
+    # each expansion pays k heads plus ceil(k / 2) rescored survivors: at most 1.5x the passes
+    assert passes_er <= 1.5 * passes, spend
+
+
 # -- budgets, batch width, k -------------------------------------------------------------------
 
 

@@ -89,6 +89,30 @@ class VotingWorld:
         return out
 
 
+class CopiesWorld:
+    """One-step solutions where samples may be identical: sample i says `texts[i]`; the PRM's
+    reward for a text is `rewards[text]`. Remembers every text it was asked to score."""
+
+    def __init__(self, texts: Sequence[str], rewards: dict[str, float]) -> None:
+        self.texts, self.rewards = list(texts), rewards
+        self.scored: list[list[str]] = []
+
+    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+        texts = self.texts[: len(requests)]  # one step each: a text without an answer ends at EOS
+        return [
+            StepOutput(r.seq_id, t, (1,), 0.0, 3, 1, "delimiter" if "boxed" in t else "eos")
+            for r, t in zip(requests, texts, strict=True)
+        ]
+
+    async def score(self, requests):
+        self.scored.append([r.steps[-1] for r in requests])
+        return [StepScores(r.seq_id, (self.rewards[r.steps[-1]],), 1) for r in requests]
+
+
+def _boxed(answer: str) -> str:
+    return f"so \\boxed{{{answer}}}{DELIM}"
+
+
 def _run(algorithm, params, problem="task-1", seed=0, world=None, budget=None):
     world = world or ScriptedWorld()
     state = algorithm.init(problem, params, seed, budget)
@@ -137,19 +161,25 @@ def test_greedy_pins_temperature_and_takes_no_sample_count():
 
 @pytest.mark.parametrize("aggregation", ["last", "min", "prod", "model"])
 def test_best_of_n_picks_the_argmax_of_one_score_call(aggregation):
+    scored_runs = 0
     for seed in range(15):
-        world = RaggedWorld(noise=0.4)
+        world = RaggedWorld(noise=0.4, p_err=0.4)
         params = BestOfNParams(n=8, aggregation=aggregation)
         result = _run(BON, params, f"task-{seed}", seed, world)
+        if len(_answer_counts(result)) == 1 and all(c.final_answer for c in result.candidates):
+            continue  # all agree: no score call (its own test)
+        scored_runs += 1
         scores = [c.score for c in result.candidates]
         assert len(scores) == 8 and all(s is not None for s in scores)
         assert result.chosen == scores.index(max(scores))  # argmax, ties to the lowest index
-        assert world.score_batches == [8] and result.spend.prm_passes == 8
+        distinct = len({c.steps for c in result.candidates})  # each distinct sample once
+        assert world.score_batches == [distinct] and result.spend.prm_passes == distinct
         assert all(c.finished for c in result.candidates)
         assert all(c.weight == pytest.approx(1 / 8) for c in result.candidates)
         # one grow per step, covering exactly the unfinished samples
         unfinished = [sum(len(c.steps) > k for c in result.candidates) for k in range(10)]
         assert world.extend_batches == [u for u in unfinished if u]
+    assert scored_runs >= 10
 
 
 def test_best_of_n_ties_go_to_the_lowest_index():
@@ -205,6 +235,66 @@ def test_weighted_best_of_n_winner_has_the_largest_score_sum():
         assert sum(c.weight for c in result.candidates) == pytest.approx(1.0)
 
 
+def test_weighted_best_of_n_sums_scores_over_equivalent_answers():
+    world = VotingWorld(["0.5", "7", "\\frac{1}{2}", "7"], [0.4, 0.45, 0.4, 0.3])
+    result = _run(WBON, WeightedBestOfNParams(n=4), world=world)
+    assert result.chosen == 0 and result.final_answer == "0.5"  # 0.8 for 1/2 beats 0.75 for 7
+
+
+# -- scoring each distinct sample once ---------------------------------------------------------
+
+A, B, C = _boxed("1"), _boxed("2"), _boxed("3")
+
+
+@pytest.mark.parametrize("algorithm", [BON, WBON])
+def test_each_distinct_sample_is_scored_once_and_copies_share_its_score(algorithm):
+    world = CopiesWorld([A, B, A, C, B, A], {A: 0.3, B: 0.9, C: 0.5})
+    result = _run(algorithm, algorithm.Params(n=6), world=world)
+    assert world.scored == [[A, B, C]]  # one call, first copies in sample order
+    assert result.spend.prm_passes == 3 and result.spend.reward_calls == 1
+    assert [c.score for c in result.candidates] == [0.3, 0.9, 0.3, 0.5, 0.9, 0.3]
+    assert result.chosen == 1 and result.final_answer == "2"  # B: 0.9 (weighted: 1.8 vs 0.9)
+    assert result.stop_reason == "finished"
+
+
+@pytest.mark.parametrize("algorithm", [BON, WBON])
+def test_the_prm_is_skipped_when_every_sample_gives_the_same_answer(algorithm):
+    texts = [_boxed("\\frac12"), _boxed("0.5"), _boxed("\\dfrac{1}{2}"), _boxed("1/2")]
+    world = CopiesWorld(texts, {})
+    result = _run(algorithm, algorithm.Params(n=4), world=world)
+    assert world.scored == [] and result.spend.prm_passes == 0 and result.spend.reward_calls == 0
+    assert result.chosen == 0 and result.stop_reason == "finished"
+    assert all(c.score is None for c in result.candidates)
+    assert [c.weight for c in result.candidates] == pytest.approx([0.25] * 4)
+
+
+@pytest.mark.parametrize(
+    "texts",
+    [[A, A, "no answer at EOS"], [A, _boxed("7")], [_boxed("x=1"), _boxed("y=2")]],
+)
+def test_the_prm_is_called_while_there_is_something_to_choose(texts):
+    world = CopiesWorld(texts, {t: 0.5 for t in texts})
+    result = _run(BON, BestOfNParams(n=len(texts)), world=world)
+    assert result.spend.prm_passes == len(set(texts)) and len(world.scored) == 1
+
+
+def test_under_a_prm_cap_copies_of_a_paid_sample_come_free():
+    world = CopiesWorld([A, B, A, C, B, C], {A: 0.3, B: 0.9, C: 0.95})
+    result = _run(BON, BestOfNParams(n=6), world=world, budget=Budget(max_prm_passes=2))
+    assert world.scored == [[A, B]] and result.spend.prm_passes == 2
+    assert [c.score for c in result.candidates] == [0.3, 0.9, 0.3, None, 0.9, None]
+    assert result.chosen == 1 and result.stop_reason == "budget"
+
+
+def test_scored_samples_resume_bit_identical_with_copies():
+    world = CopiesWorld([A, B, A, C], {A: 0.3, B: 0.9, C: 0.5})
+    expected = _run(BON, BestOfNParams(n=4), world=world)
+    state = BON.init("task-1", BestOfNParams(n=4), 0)
+    state = asyncio.run(BON.advance(state, world, world))
+    resumed = BON.loads(BON.dumps(state))
+    assert asyncio.run(run_search(BON, resumed, world, world)) == expected
+
+
 # -- self-consistency --------------------------------------------------------------------------
 
 
@@ -234,12 +324,15 @@ def test_self_consistency_picks_the_most_frequent_answer_with_no_reward():
         ([None, "2", "3", "3"], 2),
         ([None, "6", None, "1"], 1),
         (["1.50", "1.5", "\\frac{1}{2}", "2"], 0),  # canonical forms vote together
+        (["3", "x=3", "4", "4"], 0),  # equivalent forms vote together: 2 : 2, first seen
+        (["\\frac12", "7", "0.5", "7", "\\dfrac{1}{2}"], 0),
+        (["7", "\\frac12", "0.5", "7", "\\dfrac{1}{2}"], 1),
         ([None, None, None, None], 0),
     ],
 )
 def test_self_consistency_ties_go_to_the_first_seen(answers, chosen):
     world = VotingWorld(answers)
-    result = _run(SC, SelfConsistencyParams(n=4), world=world)
+    result = _run(SC, SelfConsistencyParams(n=len(answers)), world=world)
     assert result.chosen == chosen and world.score_calls == 0
 
 

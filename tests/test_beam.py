@@ -49,7 +49,7 @@ class RaggedWorld(ScriptedWorld):
 
     async def extend(self, requests):
         outs = await super().extend(requests)
-        self.calls.append((list(requests), outs))
+        self.calls.append((list(requests), list(outs)))  # grow reuses the list
         return outs
 
 
@@ -192,6 +192,103 @@ def test_dvts_early_rejection_ranks_within_each_subtree():
             assert not any(s.pruned for s in state.subtrees)
 
 
+# -- search-and-learn's final round and filter_duplicates --------------------------------------
+
+ANSWER_STEP = "so \\boxed{69}" + DELIM  # true_answer("task-1")
+FULL = ["s0 ok w w w w" + DELIM, "s1 ok w w w w" + DELIM, "s2 ok w w w w" + DELIM, ANSWER_STEP]
+
+
+@pytest.mark.parametrize("algorithm", [BEAM, DVTS])
+def test_the_final_round_completes_beams_unfinished_at_max_steps_and_they_answer(algorithm):
+    """max_steps 2 of a 4-step solution: round 0 samples step one (4 x 7 tokens); the round
+    reaching max_steps runs each sample on to the answer and EOS (4 x (7 + 7 + 3 + 1)), its
+    text split back into steps, each scored. Off, the same search ends unanswered at max_steps."""
+    on = _run(algorithm, algorithm.Params(n=4, m=2, max_steps=2), "task-1", 0, ScriptedWorld(0.0))
+    assert on.final_answer == true_answer("task-1") == "69"
+    assert {c.stop for c in on.candidates} == {"eos"}
+    assert all(list(c.steps) == FULL and len(c.rewards) == 4 for c in on.candidates)
+    assert (on.spend.generated_tokens, on.spend.prm_passes, on.spend.policy_calls) == (100, 8, 2)
+    off = algorithm.Params(n=4, m=2, max_steps=2, final_round=False)
+    off = _run(algorithm, off, "task-1", 0, ScriptedWorld(0.0))
+    assert off.final_answer is None and {c.stop for c in off.candidates} == {"max_steps"}
+    assert all(list(c.steps) == FULL[:2] for c in off.candidates)
+    assert (off.spend.generated_tokens, off.spend.prm_passes) == (56, 8)
+
+
+@pytest.mark.parametrize("algorithm", [BEAM, DVTS])
+def test_only_the_round_reaching_max_steps_drops_the_delimiter_and_it_continues_cut_text(
+    algorithm,
+):
+    """Steps of at most 4 tokens: the final round's 18 tokens take several calls, all without a
+    delimiter, and every sample still ends at EOS with the whole solution."""
+    world = RaggedWorld(p_err=0.0)
+    params = algorithm.Params(n=4, m=2, max_steps=2, max_step_tokens=4)
+    result = _run(algorithm, params, "task-1", 0, world)
+    depths = [{len(r.steps) for r in reqs} for reqs, _ in world.calls]
+    for (reqs, _), depth in zip(world.calls, depths, strict=True):
+        assert {r.sampling.step_delimiter for r in reqs} == ({""} if depth == {1} else {DELIM})
+    assert sum(depth == {1} for depth in depths) > 1  # the final text was continued
+    assert all(c.finished and c.stop in ("eos", "answer") for c in result.candidates)
+    assert result.final_answer == "69"
+    spent = sum(o.num_tokens for _, outs in world.calls for o in outs)
+    assert result.spend.generated_tokens == spent
+
+
+@pytest.mark.parametrize("algorithm", [BEAM, DVTS])
+@pytest.mark.parametrize("cap", [30, 45, 60, 80, 99])
+def test_the_final_round_never_exceeds_a_token_budget(algorithm, cap):
+    for seed in range(3):
+        params = algorithm.Params(n=4, m=2, max_steps=2)
+        result = _run(
+            algorithm, params, f"task-{seed}", seed, RaggedWorld(), Budget(max_generated_tokens=cap)
+        )
+        assert result.spend.generated_tokens <= cap
+        assert result.stop_reason in ("budget", "finished")
+
+
+def test_filter_duplicates_collapses_identical_beams_keeping_the_first():
+    """Greedy sampling: round 0's four children are one text. Unfiltered, the top two are two
+    copies of it; filtered, the first one alone is kept and takes all four samples."""
+    for dedup, kept in [(False, 2), (True, 1)]:
+        params = BeamSearchParams(n=4, m=2, temperature=0.0, filter_duplicates=dedup)
+        state = BEAM.init("task-1", params, 0)
+        world = ScriptedWorld()
+        state = _advance(BEAM, state, world)
+        first = [t.seq_id for t in state.live]
+        assert len({t.text for t in state.live}) == 1 and len(first) == 4
+        state = _advance(BEAM, state, world)
+        assert state.rounds[0].kept == first[:kept]
+        assert Counter(t.parent_id for t in state.live) == {i: 4 // kept for i in first[:kept]}
+
+
+class CollidingWorld(ScriptedWorld):
+    """Steps of one of two words (drawn from the seed), so siblings often repeat a text."""
+
+    def _full_step(self, req: ExtendRequest) -> list[str]:
+        full = super()._full_step(req)
+        if len(full) > 3 and not req.partial_step:
+            full[2] = f" v{req.seed % 2}"
+        return full
+
+
+def test_filter_duplicates_keeps_the_best_of_the_first_copies_of_each_text():
+    collided = 0
+    for seed in range(10):
+        world = CollidingWorld(p_err=0.3, length=4)
+        state = BEAM.init(f"task-{seed}", BeamSearchParams(filter_duplicates=True), seed)
+        state = _advance(BEAM, state, world)
+        while not BEAM.is_done(state):
+            pool, seen, unique = list(state.live), set(), []
+            for t in pool:
+                if t.text not in seen:
+                    seen.add(t.text)
+                    unique.append(t)
+            collided += len(unique) < len(pool)
+            state = _advance(BEAM, state, world)
+            assert state.rounds[-1].kept == [unique[i].seq_id for i in _top(unique, 2)]
+    assert collided > 0
+
+
 # -- validation, budgets, resume, accuracy -----------------------------------------------------
 
 
@@ -241,6 +338,9 @@ CONFIGS = {
     "beam_stop_after": (BEAM, BeamSearchParams(n=12, m=3, stop_after=2)),
     "dvts": (DVTS, DiverseVerifierTreeSearchParams()),
     "dvts_2_vote": (DVTS, DiverseVerifierTreeSearchParams(m=2, selection="weighted_vote")),
+    "beam_final_round": (BEAM, BeamSearchParams(max_steps=2, max_step_tokens=4)),
+    "beam_filter_duplicates": (BEAM, BeamSearchParams(temperature=0.0, filter_duplicates=True)),
+    "dvts_final_round": (DVTS, DiverseVerifierTreeSearchParams(max_steps=2, max_step_tokens=4)),
 }
 
 

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from lodestar.orchestrator.algorithms.astar import AStarDecoding, AStarParams
 from lodestar.orchestrator.algorithms.base import run_search
 from lodestar.orchestrator.algorithms.codec import algorithm_of
+from lodestar.orchestrator.algorithms.early_rejection import author_keep
 from lodestar.orchestrator.algorithms.expansion import expand
 from lodestar.orchestrator.algorithms.registry import (
     ALGORITHMS,
@@ -101,10 +102,11 @@ CASES = [(seed, tau, keep) for seed in range(16) for tau, keep in [(2, 0.5), (3,
 def test_survivors_finish_as_the_one_phase_step_and_the_rest_are_rejected(seed, tau, keep):
     world = RecordingWorld(p_err=0.3)
     common, parents = _parents(world, f"task-{seed}", seed, 10)
-    _, ours, _, theirs, _ = _both(world, common, parents, EarlyRejection(tau, keep))
+    _, ours, _, theirs, _ = _both(world, common, parents, EarlyRejection(tau, keep, rescore=True))
     for parent, mine, one in zip(parents, ours, theirs, strict=True):
-        if mine.pruned:
-            assert mine.finished and _step_tokens(parent, mine) == tau < _step_tokens(parent, one)
+        if mine.pruned:  # cut at tau, or a step that ended within tau and lost
+            assert mine.finished
+            assert _step_tokens(parent, mine) == min(tau, _step_tokens(parent, one))
             assert mine.steps[-1] == "".join(_pieces(one.steps[-1])[:tau])
             continue
         # the same sequence ids (hence request seeds) as one-phase generation: the same step
@@ -118,7 +120,8 @@ def test_survivors_finish_as_the_one_phase_step_and_the_rest_are_rejected(seed, 
 def test_spend_counts_both_phases_and_rejection_saves_tokens(seed, tau, keep):
     world = RecordingWorld(p_err=0.3)
     common, parents = _parents(world, f"task-{seed}", seed, 10)
-    mine, ours, plain, theirs, calls = _both(world, common, parents, EarlyRejection(tau, keep))
+    er = EarlyRejection(tau, keep, rescore=True)
+    mine, ours, plain, theirs, calls = _both(world, common, parents, er)
     spent = mine.spend.generated_tokens - common.spend.generated_tokens
     assert spent == sum(_step_tokens(p, c) for p, c in zip(parents, ours, strict=True))
     assert spent <= plain.spend.generated_tokens - common.spend.generated_tokens
@@ -127,7 +130,8 @@ def test_spend_counts_both_phases_and_rejection_saves_tokens(seed, tau, keep):
         _step_tokens(p, t) > tau and not c.pruned
         for p, t, c in zip(parents, theirs, ours, strict=True)
     )
-    assert sum(c.pruned for c in ours) == cut - finished_later
+    assert sum(c.pruned for c in ours) == 10 - max(1, math.ceil(keep * 10))  # all compete
+    assert finished_later <= cut
     assert calls == ([10, finished_later] if finished_later else [10])
     assert mine.spend.prm_passes - common.spend.prm_passes == 10 + finished_later
     assert mine.spend.policy_calls - common.spend.policy_calls == len(calls)
@@ -181,12 +185,15 @@ def test_an_answer_inside_the_first_tau_tokens_does_not_end_the_step():
         assert mine.pruned or (mine.steps == one.steps and mine.steps[-1].endswith("\n\n"))
 
 
-def test_steps_that_end_within_tau_are_neither_rejected_nor_continued():
+def test_steps_that_end_within_tau_compete_and_are_never_continued():
+    """The author rule: every candidate competes on its head score; keep 0.25 of 8 is 2."""
     world = RecordingWorld()
     common, parents = _parents(world, "task-2", 2, 8)
     _, ours, _, theirs, calls = _both(world, common, parents, EarlyRejection(7, 0.25))
     assert calls == [8]  # every scripted step is at most 7 tokens: phase one finished them all
-    assert [c.steps for c in ours] == [c.steps for c in theirs] and not any(c.pruned for c in ours)
+    assert [c.steps for c in ours] == [c.steps for c in theirs]
+    kept = [i for i, c in enumerate(ours) if not c.pruned]
+    assert kept == sorted(range(8), key=lambda i: (-theirs[i].score, i))[:2]
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -197,7 +204,7 @@ def test_the_prm_cap_covers_both_phases_before_anything_is_spent(seed):
     need = 8 + 5
     short = Budget(max_prm_passes=common.spend.prm_passes + need - 1)
     rejecting = copy.deepcopy(common)
-    rejecting.budget, rejecting.early_rejection = short, EarlyRejection(2, 0.5)
+    rejecting.budget, rejecting.early_rejection = short, EarlyRejection(2, 0.5, rescore=True)
     with pytest.raises(BudgetExhausted):
         _run(expand(rejecting, world, world, parents, SAMPLING, 40, "last", groups))
     assert rejecting.spend == common.spend and rejecting.next_id == common.next_id
@@ -225,6 +232,11 @@ def test_the_token_cap_covers_both_phases(seed, per_step):
 # -- the wrapper -------------------------------------------------------------------------------
 
 
+def _author(inner: str) -> float:
+    """The default survivor share for n = 8: 1 / m (m = 4) for beam and dvts, else 0.5."""
+    return 0.25 if inner in ("beam", "dvts") else 0.5
+
+
 def _params(inner: str, **extra) -> dict:
     return {"inner": inner, "inner_params": {"n": 8}, "tau": 2, **extra}
 
@@ -248,7 +260,7 @@ def _solve_inner(inner: str, problem: str, seed: int, rejection: EarlyRejection 
 def test_the_wrapper_is_the_inner_search_with_rejection_switched_on(inner):
     for seed in range(3):
         ours = _solve(inner, f"task-{seed}", seed)
-        theirs = _solve_inner(inner, f"task-{seed}", seed, EarlyRejection(tau=2, keep=0.5))
+        theirs = _solve_inner(inner, f"task-{seed}", seed, EarlyRejection(2, _author(inner)))
         assert ours.algorithm == f"early_rejection({inner})"
         assert ours.stop_reason == theirs.stop_reason
         assert ours.candidates == theirs.candidates and ours.spend == theirs.spend
@@ -313,7 +325,7 @@ def test_resume_after_any_step_is_bit_identical(inner, seed, problem, stop):
     assert algorithm_for_checkpoint(data) is algorithm and algorithm_of(data) == "early_rejection"
     back = algorithm.loads(data)
     assert algorithm.dumps(back) == data
-    assert back.common.early_rejection == EarlyRejection(tau=2, keep=0.5)
+    assert back.common.early_rejection == EarlyRejection(tau=2, keep=_author(inner))
     assert _run(run_search(algorithm, back, world, world)) == expected
 
 
@@ -345,7 +357,11 @@ def test_the_checkpoint_nests_the_inner_checkpoint():
 def test_inner_params_are_validated_by_the_inner_algorithm_and_stored_complete():
     params = parse_params("early_rejection", {"inner": "astar", "inner_params": {"k": 3}})
     assert params.inner_params == AStarParams(k=3).model_dump(mode="json")
-    assert params.tau == 64 and params.keep == 0.5
+    assert params.tau == 64 and params.keep is None and params.rescore is False
+    assert author_keep(params) == 0.5  # astar has no width: ours
+    for inner, m in [("beam", 4), ("dvts", 2), ("beam", 8)]:
+        typed = parse_params("early_rejection", {"inner": inner, "inner_params": {"n": 16, "m": m}})
+        assert author_keep(typed) == 1 / m  # the author code's top num_beams // beam_width
     default = parse_params("early_rejection", {"inner": "astar"})
     assert default.inner_params == AStarParams().model_dump(mode="json")
     for bad, field in [

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from lodestar.orchestrator.algorithms.annealing import ess_temperature
 from lodestar.orchestrator.algorithms.base import run_search
-from lodestar.orchestrator.algorithms.expansion import grow
+from lodestar.orchestrator.algorithms.expansion import answered, grow
 from lodestar.orchestrator.algorithms.particle_filter import (
     EntropicParticleFilter,
     EntropicParticleFilterParams,
@@ -23,7 +23,7 @@ from lodestar.orchestrator.algorithms.particle_filter import (
     candidate_weights,
     lookahead_log_weights,
 )
-from lodestar.orchestrator.algorithms.state import Budget, SearchCommon, Trajectory
+from lodestar.orchestrator.algorithms.state import Budget, EarlyRejection, SearchCommon, Trajectory
 from lodestar.orchestrator.algorithms.weights import (
     logit,
     multinomial_resample,
@@ -31,7 +31,7 @@ from lodestar.orchestrator.algorithms.weights import (
     softmax,
     systematic_resample,
 )
-from lodestar.workers.messages import ExtendRequest, SamplingParams
+from lodestar.workers.messages import ExtendRequest, SamplingParams, StepOutput, StepScores
 from tests.scripted import DELIM, ScriptedWorld, is_correct, problems, true_answer
 
 PF, EPF = ParticleFilter(), EntropicParticleFilter()
@@ -258,6 +258,90 @@ def test_absorbing_shrinks_the_pool_and_resamples_only_the_unfinished(algorithm)
     assert shrank >= 3
 
 
+# -- early rejection: a rejected particle is dead ---------------------------------------------
+
+
+def _with_rejection(algorithm, params, problem, seed, keep=0.25):
+    state = algorithm.init(problem, params, seed)
+    state.common.early_rejection = EarlyRejection(tau=2, keep=keep)
+    return state
+
+
+@pytest.mark.parametrize("algorithm", [PF, EPF])
+def test_rejected_particles_are_never_absorbed_and_resampling_refills_their_slots(algorithm):
+    rejected = 0
+    for seed in range(6):
+        world = ScriptedWorld(p_err=0.3)
+        params = algorithm.Params(n=16, finished="absorbing")
+        state = _with_rejection(algorithm, params, f"task-{seed}", seed)
+        while not algorithm.is_done(state):
+            pool, absorbed, calls = list(state.particles), len(state.absorbed), world.extend_batches
+            seen, rounds = len(calls), len(state.rounds)
+            state = _advance(algorithm, state, world)
+            assert not any(t.pruned for t in state.absorbed)  # only finished particles leave
+            assert all(t.pruned or not t.finished for t in state.particles)
+            assert len(state.particles) + len(state.absorbed) == 16
+            rejected += sum(t.pruned for t in state.particles)
+            if len(state.rounds) > rounds:  # every slot drawn from a live particle, then extended
+                record = state.rounds[-1]
+                assert record.pool == 16 - absorbed == calls[seen]
+                assert record.dead == sum(t.pruned for t in pool)
+                assert not any(pool[a].pruned for a in record.ancestors)
+    assert rejected > 50
+
+
+@pytest.mark.parametrize("algorithm", [PF, EPF])
+def test_absorbing_with_early_rejection_is_as_accurate_as_resampling_finished(algorithm):
+    names = problems(60)
+    accuracy = {}
+    for finished in ("resample", "absorbing"):
+        params = algorithm.Params(n=16, finished=finished)
+        world = ScriptedWorld(p_err=0.3)
+        solved = 0
+        for i, p in enumerate(names):
+            state = _with_rejection(algorithm, params, p, i)
+            solved += is_correct(p, asyncio.run(run_search(algorithm, state, world, world)).answer)
+        accuracy[finished] = solved / len(names)
+    assert accuracy["absorbing"] >= accuracy["resample"] - 0.05 > 0.85, accuracy
+
+
+def _dead(state, indices):
+    for i in indices:
+        state.particles[i].finished, state.particles[i].stop = True, "rejected"
+    return state
+
+
+@pytest.mark.parametrize("algorithm", [PF, EPF])
+def test_ess_and_entropy_are_over_live_particles_only(algorithm):
+    """Two live particles of even weight and six dead ones: the live weights are healthy (ESS 2
+    of 2, entropy 1), so ePF does not anneal; the dead slots are refilled from the live two."""
+    world = ScriptedWorld()
+    params = algorithm.Params(n=8, max_steps=10, ess_threshold=0.5)
+    state = _advance(algorithm, _dead(_seeded(algorithm, params, [0.6] * 8, 0), range(2, 8)), world)
+    (record,) = state.rounds
+    assert record.dead == 6 and record.ess == pytest.approx(2.0)
+    assert record.entropy == pytest.approx(1.0) and record.tau == 1.0
+    assert record.resampled and set(record.ancestors) <= {0, 1}  # dead slots refilled
+    assert not any(t.pruned for t in state.particles)
+
+
+def test_epf_with_early_rejection_anneals_no_more_often_than_without():
+    annealed = {}
+    for keep in (None, 0.25):
+        early = []
+        for seed in range(30):
+            world = ScriptedWorld(p_err=0.3)
+            params = EntropicParticleFilterParams(n=16, max_steps=10)
+            state = EPF.init(f"task-{seed}", params, seed)
+            if keep is not None:
+                state.common.early_rejection = EarlyRejection(tau=2, keep=keep)
+            while not EPF.is_done(state):
+                state = _advance(EPF, state, world)
+            early += [r.tau > 1.0 for r in state.rounds if r.t / 10 < 0.5]
+        annealed[keep] = np.mean(early)
+    assert annealed[0.25] <= annealed[None] + 0.1, annealed
+
+
 # -- ESS gate, selection ---------------------------------------------------------------------
 
 
@@ -277,6 +361,67 @@ def test_ess_triggered_resampling_skips_resampling_when_weights_are_even():
     always = ParticleFilterParams()
     state = _advance(PF, _seeded(PF, always, [0.6] * 8, 0), world)
     assert state.rounds[0].resampled and state.common.draws == 1
+
+
+TWO_LINES = {"A": (0.90, 0.50, 0.50), "B": (0.10, 0.55, 0.50)}
+
+
+class TwoLineWorld:
+    """Two particles with scripted step rewards: the first sampled from the prompt (seq_id 2)
+    runs line A, the second line B, with the step rewards of `TWO_LINES`."""
+
+    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
+        outs = []
+        for r in requests:
+            line = r.steps[0][0] if r.steps else "AB"[int(r.seq_id) % 2]
+            text = f"{line}{len(r.steps)} w\n\n"
+            outs.append(StepOutput(r.seq_id, text, (1, 2, 3), -1.0, 3, 1, "delimiter"))
+        return outs
+
+    async def score(self, requests) -> list[StepScores]:
+        """Per step; a whole answer as one step (`model` aggregation) gets its newest reward."""
+        out = []
+        for r in requests:
+            rewards = TWO_LINES[r.steps[0][0]][: "".join(r.steps).count("\n\n")]
+            out.append(StepScores(r.seq_id, rewards[-len(r.steps) :], 3))
+        return out
+
+
+def _weights(state) -> list[float]:
+    return [c.weight for c in PF.result(state).candidates]
+
+
+def test_rounds_that_skip_resampling_accumulate_importance_weights():
+    """SIS: with N = 2, rho = ESS / N >= 0.5, so ess_threshold 0.5 never resamples and each round
+    adds logit(r_t): rewards (0.90, 0.50) vs (0.10, 0.55) weigh 0.985 : 0.015, not the newest
+    score's 0.45 : 0.55."""
+    world = TwoLineWorld()
+    state = PF.init("task-1", ParticleFilterParams(n=2, ess_threshold=0.5, max_steps=3), 0)
+    state = _advance(PF, state, world)
+    assert [t.steps[0][0] for t in state.particles] == ["A", "B"]
+    assert _weights(state) == pytest.approx([0.98780, 0.01220], abs=1e-5)
+    history = [_weights(state)]
+    while not PF.is_done(state):
+        state = _advance(PF, state, world)
+        history.append(_weights(state))
+    assert not any(r.resampled for r in state.rounds) and state.common.draws == 0
+    expected = [logit([0.9, 0.1]), logit([0.9, 0.1]) + logit([0.5, 0.55])]
+    expected.append(expected[-1] + logit([0.5, 0.5]))
+    assert history == [pytest.approx(list(softmax(w))) for w in expected]
+    assert history[1] == pytest.approx([0.985, 0.015], abs=5e-4)
+    # each round's ESS and the resampling decision use the accumulated weights
+    for record, w in zip(state.rounds, expected, strict=False):
+        assert record.ess == pytest.approx(1.0 / np.sum(softmax(w) ** 2))
+
+
+def test_a_resample_resets_the_importance_weights():
+    world = TwoLineWorld()
+    state = PF.init("task-1", ParticleFilterParams(n=2, ess_threshold=0.6, max_steps=3), 0)
+    state = _advance(PF, _advance(PF, state, world), world)  # rho 0.512 < 0.6: resampled
+    assert state.rounds[0].resampled and state.carried == []
+    assert _weights(state) == pytest.approx(
+        list(softmax(logit([t.score for t in state.particles])))
+    )
 
 
 def _finished_state(algorithm, params, answers_scores):
@@ -479,9 +624,10 @@ def test_budgets_are_never_exceeded(key, budget):
         assert result.spend.generated_tokens <= budget.get("max_generated_tokens", 10**9)
         assert result.spend.prm_passes <= budget.get("max_prm_passes", 10**9)
         assert result.stop_reason in ("budget", "finished")
-        if result.candidates:  # stopped early: the best live or finished particle so far
+        if result.candidates:  # stopped early: the best answered particle, else the best live one
             assert result.chosen is not None
-            best = max(c.score for c in result.candidates if c.stop != "rejected")
+            live = [c for c in result.candidates if c.stop != "rejected"]
+            best = max(c.score for c in [c for c in live if answered(c)] or live)
             if params.selection == "argmax":
                 assert result.candidates[result.chosen].score == best
             assert sum(c.weight for c in result.candidates) == pytest.approx(1.0)
@@ -572,7 +718,8 @@ def test_defaults_follow_the_papers():
         "multinomial",
         "resample",
     )
-    assert pf.ess_threshold is None and pf.aggregation == "last" and pf.selection == "argmax"
+    assert pf.ess_threshold is None and pf.aggregation == "model" and pf.selection == "argmax"
+    assert epf.aggregation == "model"  # the PF authors' code and its_hub score the whole answer
     assert (epf.resampling, epf.ess_threshold, epf.early_phase, epf.schedule) == (
         "systematic",
         0.5,
@@ -591,7 +738,7 @@ def test_defaults_follow_the_papers():
         (ParticleFilterParams, "resampling", "stratified"),
         (ParticleFilterParams, "finished", "drop"),
         (ParticleFilterParams, "ess_threshold", 1.5),
-        (ParticleFilterParams, "selection", "sample"),
+        (ParticleFilterParams, "selection", "random"),
         (ParticleFilterParams, "lookahead", True),
         (EntropicParticleFilterParams, "lam", 1.5),
         (EntropicParticleFilterParams, "early_phase", -0.1),

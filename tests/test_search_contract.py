@@ -14,8 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lodestar.orchestrator.algorithms.base import run_search
+from lodestar.orchestrator.algorithms.expansion import answered, choose
 from lodestar.orchestrator.algorithms.registry import ALGORITHMS, start_search
-from tests.scripted import ScriptedWorld, is_correct, problems
+from lodestar.orchestrator.algorithms.state import Candidate
+from lodestar.workers.messages import ExtendRequest
+from tests.scripted import DELIM, ScriptedWorld, is_correct, problems, true_answer
 
 BUDGET_8 = {
     "greedy": {},
@@ -27,8 +30,9 @@ BUDGET_8 = {
     "pf": {"n": 8},
     "epf": {"n": 8},
     "epf_lookahead": {"n": 8, "lookahead": True},
+    "pg": {"n": 4, "num_iterations": 2},  # budget 8: 4 particles x 2 sweeps
     "astar": {"n": 8},
-    "early_rejection": {"inner": "beam", "inner_params": {"n": 8}, "tau": 2},
+    "early_rejection": {"inner": "beam", "inner_params": {"n": 8, "m": 2}, "tau": 2},
 }
 SEARCHES = [name for name in BUDGET_8 if name != "greedy"]
 
@@ -105,3 +109,51 @@ def test_results_report_candidates_and_spend(key):
     assert result.spend.generated_tokens > 0 and result.spend.steps > 0
     if key not in ("greedy", "self_consistency"):
         assert result.spend.prm_passes > 0 and all(c.score is not None for c in result.candidates)
+
+
+class EarlyAnswerWorld(ScriptedWorld):
+    """Solutions of different lengths: after the first step a sample answers at once w.p. 0.3, so
+    a budget stop finds some candidates finished and others partial."""
+
+    def _full_step(self, req: ExtendRequest) -> list[str]:
+        if req.steps and not req.partial_step and req.seed % 10 < 3:
+            answer = "999" if any(" bad" in s for s in req.steps) else true_answer(req.prompt)
+            return ["so", f" \\boxed{{{answer}}}", DELIM]
+        return super()._full_step(req)
+
+
+STEP_SEARCHES = ["beam", "dvts", "pf", "epf", "epf_lookahead", "pg", "astar", "early_rejection"]
+BUDGET_STOPS = [{"max_prm_passes": 13}, {"max_prm_passes": 21}, {"max_generated_tokens": 60},
+                {"max_generated_tokens": 150}]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", STEP_SEARCHES)
+def test_a_budget_stop_answers_with_a_finished_answer_when_there_is_one(key):
+    """A*'s rule everywhere: an answer-less partial is chosen only when nothing answered."""
+    mixed = 0
+    for seed in range(30):
+        for budget in BUDGET_STOPS:
+            result = _solve(key, f"task-{seed}", seed, EarlyAnswerWorld(), budget)
+            if result.stop_reason != "budget":
+                continue
+            done = [c for c in result.candidates if answered(c)]
+            chosen = result.candidates[result.chosen]
+            assert answered(chosen) == bool(done)
+            if done:
+                assert chosen.score == max(c.score for c in done)
+                mixed += any(not answered(c) and c.stop != "rejected" for c in result.candidates)
+    assert mixed >= 5  # budget stops with both answered and partial candidates were tested
+
+
+def _candidate(score: float, answer: str | None, stop: str) -> Candidate:
+    text = f"so \\boxed{{{answer}}}" if answer else "s0 ok"
+    return Candidate(text, (text,), answer, score, 0.25, stop not in ("", "continue"), stop)
+
+
+@pytest.mark.parametrize("selection", ["argmax", "weighted_vote"])
+def test_choose_prefers_finished_answered_candidates_over_higher_scored_partials(selection):
+    partial, cut = _candidate(0.9, None, ""), _candidate(0.95, None, "budget")
+    rejected, right = _candidate(0.99, None, "rejected"), _candidate(0.6, "7", "answer")
+    assert choose([partial, cut, right, rejected], selection) == 2
+    assert choose([partial, cut, rejected], selection) == 1  # no answer: the best partial
+    assert choose([rejected], selection) is None

@@ -7,12 +7,15 @@
         h(s') = 1 - r(s');  g(s') = g(s) + step_cost:  zero 0 | depth lambda | regret lambda (1 - r)
         drop duplicates of any state seen before; finished successors join the solutions, the
             others are pushed
-    answer: the finished solution with the highest score (or weighted vote); with none finished,
-        the best partial state, reported unfinished
+    answer: the best finished solution, answered ones first (highest score, or weighted vote);
+        with none finished, the best partial state, reported unfinished
 
-A popped node is closed: it is expanded once, with k samples. When the budget cannot pay for
-B * k successors the expansion shrinks, B first (each popped node keeps its k-way branching), then
-k, so no cap is ever exceeded; when not even one successor fits, the search stops ("budget").
+A popped node is closed: it is expanded once, with k samples, unless some of those samples
+duplicated states already seen: then it is reopened with its f (up to `max_expansions` times in
+all). Successors that early rejection killed are no duplicates and never reopen a node. When
+the budget cannot pay for B * k successors the expansion shrinks, B first (each popped node keeps
+its k-way branching), then k, so no cap is ever exceeded; when not even one successor fits, the
+search stops ("budget").
 A successor whose step the token budget cut off is no solution: it neither counts towards n nor is
 pushed, and is reported only as a partial state. Stop reasons: "solutions" (n finished; the step
 that gets there keeps every solution it finished, they are paid for), "exhausted" (open set empty),
@@ -206,15 +209,15 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
                 state.best_closed is None or e.node.score > (state.best_closed.score or 0.0)
             ):
                 state.best_closed = e.node
-        fresh = [0] * b
+        repeats = [0] * b  # successors that duplicated a state seen before, per popped node
         for i, child in enumerate(children):
-            if child.pruned:
+            if child.pruned:  # early rejection's verdict, not a repeat: never reopens the node
                 continue
             key = state_key(child.steps)
             if key in state.seen:
                 state.duplicates += 1
+                repeats[i // k] += 1
                 continue
-            fresh[i // k] += 1
             state.seen[key] = child.seq_id
             r = child.score if child.score is not None else 0.0
             g = popped[i // k].g + step_cost(p.step_cost, p.cost_weight, r)
@@ -224,10 +227,10 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
                 state.solutions.append(child)
             else:
                 self._push(state, child, g=g, f=g + 1.0 - r)
-        for e, new in zip(popped, fresh, strict=True):
+        for e, repeated in zip(popped, repeats, strict=True):
             times = state.expanded.get(e.node.seq_id, 0) + 1
             state.expanded[e.node.seq_id] = times
-            if new < k and times < p.max_expansions:
+            if repeated and times < p.max_expansions:
                 self._push(state, e.node, g=e.g, f=e.f)
         if len(state.solutions) >= p.n:
             common.finish("solutions")

@@ -19,6 +19,12 @@ from lodestar.workers.messages import Prompt, SamplingParams
 
 Aggregation = Literal["last", "min", "prod", "model"]
 Selection = Literal["argmax", "weighted_vote"]
+ParticleSelection = Literal["argmax", "weighted_vote", "sample"]
+"""PF and PG also take `sample`: one candidate drawn from the normalised final weights."""
+
+
+MAX_DELIMITER_CHARS = 32
+"""A step delimiter is a few characters ("\n\n", "Step"); a long one is a client error."""
 
 
 class SearchParams(BaseModel):
@@ -30,7 +36,7 @@ class SearchParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_steps: int = Field(40, ge=1, le=1024)
     max_step_tokens: int = Field(256, ge=1, le=32768)
-    step_delimiter: str = Field("\n\n", min_length=1)
+    step_delimiter: str = Field("\n\n", min_length=1, max_length=MAX_DELIMITER_CHARS)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(

@@ -5,13 +5,19 @@ batches them with other searches:
 
     every sample draws its first step from the prompt                          (one grow)
     while any sample is unfinished: every unfinished sample draws its next step (one grow)
-    scored baselines: the PRM scores every sample once, aggregated              (one score)
+    scored baselines: the PRM scores each distinct sample once, aggregated      (one score)
     answer: greedy -> its only sample; best-of-N -> argmax score; weighted best-of-N -> the
             answer with the largest summed score; self-consistency -> the most frequent answer
 
+Answers are compared by equivalence (`answers.equivalent`: `\\frac12` and `0.5` are one answer).
+Identical samples (the same steps) are scored once and share the score, and when every sample
+has a final answer and they are all equivalent there is nothing to choose: the PRM is not called
+and the first sample wins. `prm_passes` counts what was scored.
+
 When the token budget cannot pay for another step, the unfinished samples end there (stop
 "budget") and are still scored, so the answer is the best of what was generated. When the PRM
-budget cannot pay for every sample, the first ones (by index) that it can pay for are scored.
+budget cannot pay for every distinct sample, the first ones (by index) that it can pay for are
+scored, with their duplicates.
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
-from lodestar.orchestrator.algorithms.answers import final_answer, majority_vote
+from lodestar.orchestrator.algorithms.answers import (
+    answer_groups,
+    extract_boxed,
+    final_answer,
+    winning_group,
+)
 from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, SearchParams
-from lodestar.orchestrator.algorithms.expansion import candidate, grow, score
+from lodestar.orchestrator.algorithms.expansion import candidate, grow, score, vote_answer
 from lodestar.orchestrator.algorithms.protocols import Policy, Reward
 from lodestar.orchestrator.algorithms.state import (
     Budget,
@@ -133,12 +144,22 @@ class _IndependentSamples(SearchAlgorithm[Any, Any]):
             common.finish("budget" if cut else "finished")
 
     async def _score(self, state: GreedyState, reward: Reward) -> bool:
-        """One PRM call for every sample the budget pays for; False if some stayed unscored."""
+        """One PRM call for each distinct sample the budget pays for (none when all agree on the
+        answer); duplicates share their first copy's score. False if some stayed unscored."""
         common, samples = state.common, state.samples
+        if _all_agree(samples):
+            return True
+        first: dict[tuple[str, ...], int] = {}  # lookups only: order comes from the samples
+        copy_of = [first.setdefault(tuple(t.steps), i) for i, t in enumerate(samples)]
+        distinct = [i for i, c in enumerate(copy_of) if c == i]
         cap = common.budget.max_prm_passes
-        affordable = len(samples) if cap is None else max(0, cap - common.spend.prm_passes)
-        await score(common, reward, samples[:affordable], state.params.aggregation)
-        return affordable >= len(samples)
+        affordable = len(distinct) if cap is None else max(0, cap - common.spend.prm_passes)
+        paid = distinct[:affordable]
+        await score(common, reward, [samples[i] for i in paid], state.params.aggregation)
+        for i, c in enumerate(copy_of):
+            if c != i:
+                samples[i].rewards, samples[i].score = list(samples[c].rewards), samples[c].score
+        return affordable >= len(distinct)
 
     def _weights(self, samples: Sequence[Trajectory]) -> list[float]:
         return [1.0 / len(samples)] * len(samples)
@@ -159,6 +180,12 @@ def _score(c: Candidate) -> float:
     return float("-inf") if c.score is None else c.score
 
 
+def _all_agree(samples: Sequence[Trajectory]) -> bool:
+    """Every sample has a final answer and all of them are equivalent: nothing to choose."""
+    groups = answer_groups([extract_boxed(t.text) for t in samples])
+    return bool(groups) and all(g == 0 for g in groups)
+
+
 class Greedy(_IndependentSamples):
     """One sample at temperature 0, no reward: the baseline every search must beat."""
 
@@ -171,7 +198,8 @@ class Greedy(_IndependentSamples):
 
 
 class BestOfN(_IndependentSamples):
-    """N complete samples, each scored once by the PRM (aggregated); the argmax wins."""
+    """N complete samples, each distinct one scored once by the PRM (aggregated); the argmax
+    wins. When all N agree on the answer the PRM is skipped and the first sample wins."""
 
     name = "best_of_n"
     Params = BestOfNParams
@@ -182,9 +210,10 @@ class BestOfN(_IndependentSamples):
 class WeightedBestOfN(_IndependentSamples):
     """N scored samples vote for their final answer with their score; the largest sum wins.
 
-    The chosen candidate is the highest-scoring member of the winning answer (ties: lowest
-    index); samples without a final answer do not vote. Weight = the sample's share of the total
-    score, so an answer's summed weight is its share of the vote.
+    Equivalent answers vote together. The chosen candidate is the highest-scoring member of the
+    winning answer (ties: lowest index); samples without a final answer do not vote. Weight = the
+    sample's share of the total score, so an answer's summed weight is its share of the vote
+    (1/N each when the PRM was skipped because all N agree).
     """
 
     name = "weighted_best_of_n"
@@ -193,24 +222,26 @@ class WeightedBestOfN(_IndependentSamples):
     scored = True
 
     def _weights(self, samples: Sequence[Trajectory]) -> list[float]:
+        if all(t.score is None for t in samples):
+            return super()._weights(samples)
         scores = [t.score or 0.0 for t in samples]
         total = sum(scores)
         return [s / total if total > 0 else 0.0 for s in scores]
 
     def _choose(self, samples: Sequence[Trajectory], candidates: Sequence[Candidate]) -> int:
-        answers = [c.final_answer for c in candidates]
-        winner = majority_vote(answers, [t.score or 0.0 for t in samples])  # raw sums: exact ties
-        if winner is None:
+        answers = [vote_answer(c) for c in candidates]
+        group = winning_group(answers, [t.score or 0.0 for t in samples])  # raw sums: exact ties
+        if not group:
             return super()._choose(samples, candidates)
-        group = [i for i, a in enumerate(answers) if a == answers[winner]]
         return max(group, key=lambda i: (_score(candidates[i]), -i))
 
 
 class SelfConsistency(_IndependentSamples):
-    """N samples, no reward: the most frequent canonical final answer, ties to the first seen.
+    """N samples, no reward: the most frequent final answer, ties to the first seen.
 
-    The chosen candidate is the first sample with that answer. Weight = 1 / (samples with an
-    answer) for each of them, 0 for the rest, so an answer's summed weight is its vote share.
+    Equivalent answers (`answers.equivalent`) count as one. The chosen candidate is the first
+    sample with that answer. Weight = 1 / (samples with an answer) for each of them, 0 for the
+    rest, so an answer's summed weight is its vote share.
     """
 
     name = "self_consistency"
@@ -225,5 +256,5 @@ class SelfConsistency(_IndependentSamples):
         return [0.0 if a is None else 1.0 / voters for a in answers]
 
     def _choose(self, samples: Sequence[Trajectory], candidates: Sequence[Candidate]) -> int:
-        winner = majority_vote([c.final_answer for c in candidates])
-        return 0 if winner is None else winner
+        group = winning_group([vote_answer(c) for c in candidates])
+        return group[0] if group else 0

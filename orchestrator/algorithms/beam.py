@@ -4,13 +4,23 @@ Beam search (as in search-and-learn), N beams of width M:
 
     round 0: N first steps sampled from the prompt; score them                 (one expand)
     each round: finished candidates move to the completed pool; keep the best N/M live ones by
-        score (ties: lowest index) and sample M next steps from each; score them (one expand)
+        score (ties: lowest index; with `filter_duplicates` only the first beam of each text
+        competes) and sample M next steps from each; score them                 (one expand)
+    final round (`final_round`): the expand whose steps reach max_steps samples to the end
     stop when no live candidate is left (or `stop_after` solutions are completed)
-    answer: the completed solution with the highest score (or weighted vote)
+    answer: the completed solution with the highest score (or weighted vote); on a budget stop
+        a live beam only when no completed solution has an answer
 
 Completed solutions leave the beam and do not take one of its N/M slots, so every round spends
 the full N samples on live beams; with fewer than N/M live, the kept ones share the N samples
-(search-and-learn's rule). max_steps bounds the depth.
+(search-and-learn's rule). max_steps bounds the rounds.
+
+Final round (search-and-learn, `sal/search/beam_search.py` and `dvts.py`: the last iteration
+samples without the step stop, to `max_tokens`): with `final_round`, the expansion whose steps
+would be the max_steps-th runs each one on past the delimiter to EOS (or the cap: `MAX_STEP_CALLS`
+calls of max_step_tokens), so a beam still unfinished there is completed, answered when the
+policy answers, instead of cut; its text is split back into steps for the PRM. Spend and budget
+caps are as for any step. Off, a beam reaching max_steps ends with stop "max_steps".
 
 DVTS (Beeching et al., search-and-learn): N/M independent subtrees, each a greedy search over M
 sampled steps per round, so the N samples are spread over diverse lines instead of collapsing on
@@ -19,7 +29,7 @@ one prefix:
     each round: every live subtree samples M next steps from its current state; score them
         (one expand for all subtrees; early rejection ranks within a subtree)
         each subtree keeps its best child; it ends when that child is finished
-    answer: the leaf with the highest score (or weighted vote)
+    answer: the leaf with the highest score (or weighted vote), finished answered leaves first
 
 Candidate weights are shares of the total score, so `weighted_vote` sums scores per answer.
 """
@@ -51,6 +61,9 @@ class _TreeParams(ScoredParams):
     """Width: next steps sampled from each kept beam (subtree) per round; n must divide by m."""
     selection: Selection = "argmax"
     """argmax: highest score; weighted_vote: answer with the largest summed score."""
+    final_round: bool = True
+    """The step that reaches max_steps runs to EOS instead of the delimiter (search-and-learn's
+    last iteration; on by default, as there)."""
 
     @model_validator(mode="after")
     def _n_divisible_by_m(self) -> _TreeParams:
@@ -68,6 +81,9 @@ class _TreeParams(ScoredParams):
 class BeamSearchParams(_TreeParams):
     stop_after: int | None = Field(None, ge=1, le=4096)
     """Stop once this many solutions are completed; None: when no live candidate is left."""
+    filter_duplicates: bool = False
+    """Before keeping the best N/M, drop live beams whose text an earlier one has (the first is
+    kept): search-and-learn's `filter_duplicates`, off by default as there."""
 
 
 class DiverseVerifierTreeSearchParams(_TreeParams):
@@ -122,6 +138,20 @@ def top_k(trajectories: Sequence[Trajectory], k: int) -> list[int]:
     return order[:k]
 
 
+def distinct(trajectories: Sequence[Trajectory]) -> list[Trajectory]:
+    """The first trajectory of each text, in order (search-and-learn's `filter_duplicates`)."""
+    first: dict[str, Trajectory] = {}
+    for t in trajectories:
+        first.setdefault(t.text, t)
+    return list(first.values())
+
+
+def last_round(params: _TreeParams, parents: Sequence[Trajectory]) -> bool:
+    """Whether this expansion is the final round: its steps would reach max_steps (a round's
+    parents share one depth)."""
+    return params.final_round and any(len(t.steps) + 1 >= params.max_steps for t in parents)
+
+
 def _result(
     name: str, common: SearchCommon, pool: Sequence[Trajectory], selection: str
 ) -> SearchResult:
@@ -154,11 +184,19 @@ class BeamSearch(SearchAlgorithm[BeamSearchParams, BeamSearchState]):
             parents = [state.common.root()] * p.n
             record = None
         else:
-            kept = [state.live[i] for i in top_k(state.live, p.n // p.m)]
+            pool = distinct(state.live) if p.filter_duplicates else state.live
+            kept = [pool[i] for i in top_k(pool, p.n // p.m)]
             parents = [kept[i * len(kept) // p.n] for i in range(p.n)]  # copies together: a fork
             record = BeamRound([b.seq_id for b in kept], [b.score or 0.0 for b in kept])
         children = await expand(
-            state.common, policy, reward, parents, p.sampling(), p.max_steps, p.aggregation
+            state.common,
+            policy,
+            reward,
+            parents,
+            p.sampling(),
+            p.max_steps,
+            p.aggregation,
+            to_end=last_round(p, parents),
         )
         state.started = True
         if record is not None:
@@ -170,7 +208,8 @@ class BeamSearch(SearchAlgorithm[BeamSearchParams, BeamSearchState]):
             state.common.finish(_stop_reason(state.completed))
 
     def result(self, state: BeamSearchState) -> SearchResult:
-        """Completed solutions; the live beams too when the search stopped before finishing."""
+        """Completed solutions; the live beams too when the search stopped before finishing
+        (chosen only when no completed solution has an answer: `choose`)."""
         pool = list(state.completed)
         if state.common.stop_reason == "budget" or not pool:
             pool += state.live
@@ -206,7 +245,15 @@ class DiverseVerifierTreeSearch(
         parents = [state.subtrees[i] for i in live for _ in range(p.m)]
         groups = [i for i in live for _ in range(p.m)]
         children = await expand(
-            state.common, policy, reward, parents, p.sampling(), p.max_steps, p.aggregation, groups
+            state.common,
+            policy,
+            reward,
+            parents,
+            p.sampling(),
+            p.max_steps,
+            p.aggregation,
+            groups,
+            to_end=last_round(p, parents),
         )
         kept: list[str | None] = [None] * len(state.subtrees)
         for j, i in enumerate(live):

@@ -1,10 +1,15 @@
 """Early rejection around any step-level search (beam, dvts, pf, epf, astar).
 
 Every candidate step is first generated for `tau` tokens and scored on that partial step; within
-each group of siblings only the best `keep` share is generated to the end and rescored, the rest
-come back with stop "rejected" and are never chosen. The mechanism lives in `expansion.expand`
-(it reads `common.early_rejection`); this wrapper only switches it on for an inner search and
-otherwise delegates to it, so the inner algorithm runs unchanged.
+each group of siblings only the best `keep` share survives (by default the author code's top
+num_beams // beam_width, steps that ended within tau competing too), the partial survivors are
+generated to the end (not rescored unless `rescore`, as in the author code), and the rest come
+back with stop "rejected" and are never chosen. A rejected candidate is dead, not a result:
+PF and ePF give it weight zero, leave it out of ESS and entropy and refill its slot at the next
+resampling (it is never absorbed); A* does not count it as a repeat (it never reopens a state);
+beam and DVTS never keep it. The mechanism lives in `expansion.expand` (it reads
+`common.early_rejection`); this wrapper only switches it on for an inner search and otherwise
+delegates to it, so the inner algorithm runs unchanged.
 """
 
 from __future__ import annotations
@@ -45,8 +50,14 @@ class EarlyRejectionParams(SearchParams):
     `inner_params.<field>`); stored with every default filled in."""
     tau: int = Field(64, ge=1, le=32768)
     """Tokens of a candidate step generated before it is scored and maybe rejected."""
-    keep: float = Field(0.5, gt=0.0, le=1.0)
-    """Share of the partial candidates in each group that are finished (at least one)."""
+    keep: float | None = Field(None, gt=0.0, le=1.0)
+    """Share of each group's candidates that survive (at least one), steps that ended within tau
+    competing too. None: the author code's rule (`partial_beam_search.py`, the top
+    num_beams // beam_width), i.e. 1 / m for beam and dvts (n // m of beam's n candidates, the
+    best child of each dvts subtree); 0.5 for pf, epf and astar, which have no width (ours)."""
+    rescore: bool = False
+    """Rescore survivors on their finished step (one more PRM pass each); False, as the author
+    code, keeps the score of the first tau tokens."""
 
     @field_validator("inner_params")
     @classmethod
@@ -64,6 +75,14 @@ class EarlyRejectionParams(SearchParams):
         if info.field_name and value != cls.model_fields[info.field_name].default:
             raise ValueError("set it in inner_params: the inner search does the sampling")
         return value
+
+
+def author_keep(params: EarlyRejectionParams) -> float:
+    """The survivor share: `keep` when set, else 1 / m for beam and dvts, 0.5 otherwise."""
+    if params.keep is not None:
+        return params.keep
+    width = params.inner_params.get("m") if params.inner in ("beam", "dvts") else None
+    return 1.0 / width if width else 0.5
 
 
 @dataclass(slots=True)
@@ -91,7 +110,9 @@ class EarlyRejectionSearch(SearchAlgorithm[EarlyRejectionParams, EarlyRejectionS
         inner_state = inner.init(
             problem, inner.Params.model_validate(params.inner_params), seed, budget
         )
-        inner_state.common.early_rejection = EarlyRejection(tau=params.tau, keep=params.keep)
+        inner_state.common.early_rejection = EarlyRejection(
+            tau=params.tau, keep=author_keep(params), rescore=params.rescore
+        )
         return EarlyRejectionState(params=params, inner=inner_state)
 
     async def advance(

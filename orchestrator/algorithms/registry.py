@@ -26,6 +26,7 @@ from lodestar.orchestrator.algorithms.particle_filter import (
     EntropicParticleFilter,
     ParticleFilter,
 )
+from lodestar.orchestrator.algorithms.particle_gibbs import ParticleGibbs
 from lodestar.orchestrator.algorithms.state import Budget
 from lodestar.workers.messages import Prompt
 
@@ -40,6 +41,7 @@ ALGORITHMS: dict[str, SearchAlgorithm[Any, Any]] = {
         DiverseVerifierTreeSearch(),
         ParticleFilter(),
         EntropicParticleFilter(),
+        ParticleGibbs(),
         AStarDecoding(),
         EarlyRejectionSearch(),
     )

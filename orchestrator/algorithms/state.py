@@ -15,6 +15,7 @@ from lodestar.workers.messages import Prompt
 
 _REQUEST_SEED_DOMAIN = 0x5EED
 _DRAW_DOMAIN = 0xD4A3
+_SELECT_DOMAIN = 0x5E1C
 
 
 class BudgetExhausted(Exception):
@@ -81,10 +82,14 @@ class Trajectory:
 
 @dataclass(frozen=True, slots=True)
 class EarlyRejection:
-    """Score a candidate step after its first `tau` tokens; finish only the best `keep` share."""
+    """Score a candidate step after its first `tau` tokens; only the best `keep` share of each
+    group survives (steps that ended within tau compete too) and the partial survivors finish."""
 
     tau: int
     keep: float
+    rescore: bool = False
+    """Rescore finished survivors on their whole step; False keeps the score of the first tau
+    tokens, as the author code (`partial_beam_search.py`) does."""
 
 
 @dataclass(slots=True)
@@ -107,6 +112,11 @@ class SearchCommon:
         """A fresh generator for the next random decision (counter-based: resumes exactly)."""
         self.draws += 1
         return np.random.default_rng([_DRAW_DOMAIN, self.seed, self.draws])
+
+    def selection_rng(self) -> np.random.Generator:
+        """The generator of a read-only decision (the final `sample` selection): fixed by the seed
+        and the draws so far, it consumes none, so `result` stays a pure function of the state."""
+        return np.random.default_rng([_SELECT_DOMAIN, self.seed, self.draws])
 
     def new_id(self) -> str:
         self.next_id += 1
