@@ -8,6 +8,21 @@ throughput. The setting is restored before every test because training code sets
 import pytest
 import torch
 
+INTEGRATION_FIXTURES = {"ray_cluster", "redis_server"}
+"""A test that uses one of these needs another process (a Ray cluster, a redis-server)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `integration` every test that starts or needs another process: by its fixtures (Ray,
+    Redis, the Redis side of `backend`) or by its module's own `pytestmark`. `pytest -m "not
+    integration"` then runs the pure and single-process tests: the developer's fast loop."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        on_redis = callspec is not None and callspec.params.get("backend") == "redis"
+        if names & INTEGRATION_FIXTURES or on_redis:
+            item.add_marker(pytest.mark.integration)
+
 
 @pytest.fixture(autouse=True)
 def _single_torch_thread():

@@ -157,6 +157,7 @@ def test_groups_are_named_by_their_first_member():
     assert got == [0, 1, 0, None, 1, 0, 6, 1]
 
 
+@pytest.mark.integration
 def test_grouping_does_not_depend_on_the_hash_seed():
     script = (
         "from lodestar.orchestrator.algorithms.answers import answer_groups, winning_group;"

@@ -476,6 +476,7 @@ def test_redis_create_batch_rolls_back_when_a_job_appears_under_it(
         assert client.keys("lodestar:{race-*") == [b"lodestar:{race-700}:job"]
 
 
+@pytest.mark.integration
 def test_redis_batch_calls_raise_unavailable_in_an_outage() -> None:
     async def main(server: LocalRedis) -> None:
         async with RedisStateStore(RedisStoreConfig(url=server.url)) as store:  # defaults

@@ -22,6 +22,9 @@ from lodestar.tasks.arithmetic import Difficulty, generate_problems
 LODESTAR = [sys.executable, "-m", "lodestar.services.cli"]
 
 
+pytestmark = pytest.mark.integration  # every test runs `lodestar` in subprocesses
+
+
 def start_server(log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     """`lodestar serve` on a free port; returns the process and its address once SERVING."""
     with log.open("a") as out:

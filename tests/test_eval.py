@@ -137,6 +137,7 @@ def test_summary_and_findings_come_from_the_rows() -> None:
 # -- the real thing ---------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_eval_runs_resumes_after_a_kill_and_matches_the_in_process_engine(tmp_path: Path) -> None:
     out = tmp_path / "results"

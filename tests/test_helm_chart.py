@@ -255,6 +255,7 @@ def redis_command(docs: list[dict[str, Any]], port: int, data: Path) -> list[str
 
 
 @pytest.mark.parametrize("persistence", [True, False])
+@pytest.mark.integration
 def test_redis_keeps_an_append_only_file_on_a_volume_claim_by_default(
     tmp_path: Path, persistence: bool
 ) -> None:
@@ -398,6 +399,7 @@ def test_worker_groups_run_the_gateways_image_and_see_the_same_models() -> None:
     assert [g["groupName"] for g in cluster["workerGroupSpecs"]] == ["gpu"]  # cpu group disabled
 
 
+@pytest.mark.integration
 def test_batch_rayjob_runs_lodestar_batch_run_on_its_own_cluster(tmp_path: Path) -> None:
     values = gpu_values()
     problems = tmp_path / "problems.jsonl"
@@ -488,6 +490,7 @@ def search_once(address: str, token: str) -> tuple[int, int, pb.SearchResult]:
 
 
 @pytest.mark.slow
+@pytest.mark.integration
 def test_rendered_gateway_and_batch_job_run_on_a_ray_cluster_started_like_kuberay(
     tmp_path: Path,
 ) -> None:

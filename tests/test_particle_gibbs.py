@@ -373,6 +373,7 @@ def test_eval_runs_pg_at_budget_b_as_b_over_sweeps_particles_per_sweep():
     assert "pg" in WEIGHTED
 
 
+@pytest.mark.integration
 def test_lodestar_eval_runs_pg(tmp_path):
     out = tmp_path / "results"
     done = lodestar_eval(out, "--algorithms", "pg", "--budgets", "4", "--problems", "3")

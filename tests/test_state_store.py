@@ -398,6 +398,7 @@ def test_redis_index_drops_only_old_dangling_ids(redis_server: LocalRedis) -> No
         assert sorted(client.zrange(index, 0, -1)) == [b"real", b"young"]
 
 
+@pytest.mark.integration
 def test_redis_password_comes_from_config_not_the_url() -> None:
     """The Helm chart passes the password from a Secret (LODESTAR_REDIS_PASSWORD), not a URL."""
 
@@ -417,6 +418,7 @@ def test_redis_password_comes_from_config_not_the_url() -> None:
         server.close()
 
 
+@pytest.mark.integration
 def test_redis_outage_raises_unavailable_quickly_and_the_same_store_recovers() -> None:
     calls: dict[str, Callable[[StateStore], Awaitable[object]]] = {
         "ping": lambda s: s.ping(),
@@ -456,6 +458,7 @@ def test_redis_outage_raises_unavailable_quickly_and_the_same_store_recovers() -
         asyncio.run(main(server))
 
 
+@pytest.mark.integration
 def test_redis_hung_server_fails_within_the_bound_then_recovers() -> None:
     async def main(server: LocalRedis) -> None:
         async with RedisStateStore(RedisStoreConfig(url=server.url)) as store:  # defaults
@@ -542,6 +545,7 @@ def test_redis_followers_of_500_searches_share_two_blocking_connections(
     print(f"\n{searches} followers, {rounds} events each: {elapsed:.2f} s, peak {peak} clients")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("outage", ["stopped", "paused"])
 def test_redis_parked_waiters_hear_of_an_outage_within_the_bound_and_the_store_recovers(
     outage: str,
@@ -581,6 +585,7 @@ def test_open_state_store_picks_the_backend_from_the_url(redis_server: LocalRedi
         open_state_store("postgres://x")
 
 
+@pytest.mark.integration
 def test_missing_redis_server_binary_is_a_failure_with_instructions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

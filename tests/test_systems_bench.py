@@ -23,6 +23,7 @@ SECTIONS = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_quick_bench_measures_every_row_and_its_checks_hold() -> None:
     console = Console(record=True, width=240)

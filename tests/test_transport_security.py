@@ -214,6 +214,7 @@ def test_the_health_port_answers_probes_in_plaintext_and_serves_nothing_else(mod
     }
 
 
+@pytest.mark.integration
 def test_the_client_commands_talk_tls_with_a_ca_file_or_the_default_roots(
     models, certs, tmp_path: Path
 ):
