@@ -1,6 +1,7 @@
 """A private redis-server: free loopback port, no persistence, stopped by its pid.
 
-For tests, benchmarks and the one-machine default (where no `LODESTAR_REDIS_URL` is given).
+For tests and benchmarks. (`lodestar serve` without `--redis` / `LODESTAR_REDIS_URL` uses the
+in-memory store, not this: a one-machine server needs no Redis.)
 
 `stop()` then `start()` reuses the port, so clients see an outage and a recovery; `pause()` /
 `resume()` (SIGSTOP/SIGCONT) make a server that accepts connections but never answers.
