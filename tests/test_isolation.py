@@ -5,6 +5,7 @@ models in process, then a real gRPC server with the submit-time checks."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -419,3 +420,19 @@ def test_a_server_made_search_id_survives_the_scrub() -> None:
     sid = "s-0123456789abcdef0123456789abcdef"
     assert client_message(f"search {sid} was cancelled") == f"search {sid} was cancelled"
     assert "0123456789abcdef0123456789" not in client_message("ActorID 0123456789abcdef01234567")
+
+
+def test_a_search_that_fills_the_policys_context_finishes_instead_of_failing() -> None:
+    """Before, a prefix that reached the shipped policy's 256 tokens failed the whole search
+    (seen in `lodestar eval` at budget 32 on a 4-operation problem)."""
+    policy, reward = shipped_workers()
+    policy.context_tokens = 24  # the prompt is 17: room for a step or so
+    (spec,) = problem_specs(1, "tight", ops=4, params={"n": 4})
+
+    async def main(orch: Orchestrator) -> Any:
+        return await orch.solve(spec)
+
+    record = orchestrate((policy, reward), main)
+    assert record.status is JobStatus.SUCCEEDED, record.error
+    stops = {c["stop"] for c in json.loads(record.result)["candidates"]}
+    assert "context" in stops

@@ -423,3 +423,26 @@ def test_loading_errors_name_the_path(tmp_path, model_dirs):
     assert choose_dtype(torch.device("cuda")) == torch.bfloat16
     assert choose_dtype(torch.device("cpu")) == torch.float32
     assert choose_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+
+
+def test_a_step_stops_at_the_end_of_the_context_and_a_full_prefix_gets_an_empty_step(model_dirs):
+    """Never past the model's context (positions it was not built for), never a failure: the
+    step ends `context`, and the search sees a trajectory that cannot grow; a request with an
+    empty prefix fails alone."""
+    from lodestar.workers.messages import ErrorKind, RequestFailed
+
+    w = worker(model_dirs, "llama")
+    w.context_tokens = 40  # as if the config said so: the tiny model allows 512
+    greedy = SamplingParams(temperature=0.0, max_step_tokens=64, step_delimiter="\x00")
+    near = req("near", steps=("1" * 30,), sampling=greedy)
+    full = req("full", steps=("1" * 60,), sampling=greedy)
+    free = req("free", sampling=SamplingParams(temperature=0.0, max_step_tokens=5))
+    empty = req("empty", prompt="", sampling=greedy)
+    a, b, c, d = w.extend([near, full, free, empty])
+    room = 40 - prefix_len(w, near)
+    assert 0 < room < 64
+    assert a.stop_reason in ("context", "eos") and a.num_tokens <= room
+    assert a.stop_reason == "eos" or a.num_tokens == room
+    assert (b.stop_reason, b.num_tokens, b.text) == ("context", 0, "")
+    assert c.stop_reason != "context" and c.num_tokens <= 5
+    assert isinstance(d, RequestFailed) and d.kind is ErrorKind.INVALID_INPUT

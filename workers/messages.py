@@ -71,7 +71,8 @@ def prompt_from_json(doc: object) -> Prompt:
     raise ValueError("a problem is a string or a non-empty list of chat messages")
 
 
-StopReason = Literal["delimiter", "eos", "length"]
+StopReason = Literal["delimiter", "eos", "length", "context"]
+"""`context`: the sequence reached the end of the policy's context; it cannot grow further."""
 
 
 @dataclass(frozen=True, slots=True)

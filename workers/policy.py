@@ -19,7 +19,7 @@ The `mismatches` counter shows how often that happens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -122,45 +122,36 @@ class PolicyWorker:
     @torch.inference_mode()
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
         """Sample one step for each request, in order; see the module docstring for the batch.
-        A request that cannot be served (empty prefix, one that fills the model's context) gets a
-        `RequestFailed` of its own; the others are sampled as if it were not there."""
+        A step that reaches the end of the model's context stops there (`context`; a prefix
+        that already fills it gets an empty `context` step), and a request with nothing to
+        condition on gets a `RequestFailed` of its own; the others are sampled as if neither
+        were there."""
         self.calls += 1
         self.requests += len(requests)
         prefixes = self.tokenize([self.prefix_text(r) for r in requests])
         caps = [_token_cap(r) for r in requests]
+        room = [_room(self.context_tokens, ids) for ids in prefixes]
         outputs: list[StepOutput | RequestFailed] = [
-            StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length") for r in requests
+            StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length" if cap <= left else "context")
+            for r, cap, left in zip(requests, caps, room, strict=True)
         ]
         for i, (r, ids) in enumerate(zip(requests, prefixes, strict=True)):
-            failed = self._refusal(r, ids)
-            if failed is not None:
-                outputs[i], caps[i] = failed, 0
-            elif self.context_tokens is not None:  # a step stops ("length") at the context's end
-                caps[i] = min(caps[i], self.context_tokens - len(ids))
+            if not ids:
+                message = "problem: empty prompt, nothing to continue"
+                outputs[i] = RequestFailed(r.seq_id, ErrorKind.INVALID_INPUT, message)
+                caps[i] = 0
+        limited = [left < cap for cap, left in zip(caps, room, strict=True)]
+        caps = [min(cap, left) for cap, left in zip(caps, room, strict=True)]
         live = [i for i, cap in enumerate(caps) if cap > 0]
         if live:
             steps = self._generate(
                 [requests[i] for i in live], [prefixes[i] for i in live], [caps[i] for i in live]
             )
             for i, out in zip(live, steps, strict=True):
+                if limited[i] and out.stop_reason == "length":  # stopped by the context's end
+                    out = replace(out, stop_reason="context")
                 outputs[i] = out
         return outputs
-
-    def _refusal(self, request: ExtendRequest, prefix: list[int]) -> RequestFailed | None:
-        if not prefix:
-            return RequestFailed(
-                request.seq_id,
-                ErrorKind.INVALID_INPUT,
-                "problem: empty prompt, nothing to continue",
-            )
-        if self.context_tokens is not None and len(prefix) >= self.context_tokens:
-            return RequestFailed(
-                request.seq_id,
-                ErrorKind.RESOURCE_EXHAUSTED,
-                f"the solution so far is {len(prefix)} tokens, the policy's context "
-                f"{self.context_tokens}",
-            )
-        return None
 
     def release(self, seq_ids: Sequence[str]) -> None:
         """Drop these sequences' caches (their search moved on or ended)."""
@@ -336,6 +327,11 @@ class PolicyWorker:
             logits_to_keep=1,
         )
         return out.logits[:, -1].float()
+
+
+def _room(context_tokens: int | None, prefix: list[int]) -> int:
+    """Tokens the model's context leaves after `prefix` (unbounded when the config names none)."""
+    return 2**31 if context_tokens is None else max(0, context_tokens - len(prefix))
 
 
 def _token_cap(request: ExtendRequest) -> int:

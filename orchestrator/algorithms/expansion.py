@@ -75,6 +75,8 @@ def _mark_finished(t: Trajectory, out: StepOutput, max_steps: int, budget_cut: b
         t.finished, t.stop = True, "eos"
     elif has_final_answer(t.steps[-1]):
         t.finished, t.stop = True, "answer"
+    elif out.stop_reason == "context":  # the policy's context is full: it cannot go on
+        t.finished, t.stop = True, "context"
     elif budget_cut:
         t.finished, t.stop = True, "budget"
     elif len(t.steps) >= max_steps:
