@@ -175,6 +175,14 @@ def being_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+def terminal_event(
+    status: JobStatus, final_answer: str | None, error: str | None, kind: ErrorKind | None
+) -> bytes:
+    """The last event of a search's stream: how it ended (what a follower waits for)."""
+    doc = {"status": str(status), "final_answer": final_answer, "error": error, "error_kind": kind}
+    return json.dumps(doc).encode()
+
+
 def result_to_json(result: SearchResult) -> str:
     return json.dumps(dataclasses.asdict(result), allow_nan=True)
 
@@ -359,13 +367,8 @@ class Orchestrator:
         """Cancel every unfinished item of a batch, wherever it runs: a queued item finishes
         cancelled now and never starts, a running one stops before its next step (as `cancel`
         flags it). Returns the batch as it is now (raises `BatchNotFound`)."""
-        event = {  # what `_finish` writes for a search cancelled before its first step
-            "status": str(JobStatus.CANCELLED),
-            "final_answer": None,
-            "error": "cancelled",
-            "error_kind": ErrorKind.CANCELLED,
-        }
-        record = await self.store.cancel_batch(batch_id, json.dumps(event).encode())
+        event = terminal_event(JobStatus.CANCELLED, None, "cancelled", ErrorKind.CANCELLED)
+        record = await self.store.cancel_batch(batch_id, event)
         log.info("batch %s cancelled", batch_id, extra={"batch_id": batch_id})
         return record
 
@@ -547,14 +550,9 @@ class Orchestrator:
         if self.observer is not None:
             self.observer.search_finished(status)
         log.info("search %s %s", sid, status, extra={"search_id": sid, "status": str(status)})
-        event = {
-            "status": str(status),
-            "final_answer": final_answer,
-            "error": error,
-            "error_kind": error_kind,
-        }
+        event = terminal_event(status, final_answer, error, error_kind)
         with contextlib.suppress(StreamClosed):
-            await self.store.append_event(sid, json.dumps(event).encode(), terminal=True)
+            await self.store.append_event(sid, event, terminal=True)
         return record
 
     async def _follow_to_end(self, search_id: str) -> JobRecord:

@@ -64,9 +64,3 @@ class WorkersUnavailable(SearchError):
 
 class DeadlineExceeded(SearchError):
     kind = ErrorKind.DEADLINE_EXCEEDED
-
-
-class TooLarge(SearchError):
-    """A request of this search is larger than one worker call may be."""
-
-    kind = ErrorKind.RESOURCE_EXHAUSTED

@@ -243,7 +243,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
 
     async def GetBatch(self, request: pb.GetBatchRequest, context: Any) -> pb.BatchStatus:
         async with status_codes(context, "GetBatch"):
-            record = await self.store.get_batch(_required(request.batch_id, "batch_id"))
+            record = await self.store.get_batch(_checked_id(request.batch_id, "batch_id"))
             if record is None:
                 raise BatchNotFound(request.batch_id)
             return batch_to_wire(record)
@@ -257,7 +257,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
         self, request: pb.StreamBatchResultsRequest, context: Any
     ) -> AsyncIterator[pb.BatchItemResult]:
         async with status_codes(context, "StreamBatchResults"):
-            batch_id = _required(request.batch_id, "batch_id")
+            batch_id = _checked_id(request.batch_id, "batch_id")
             batch = await self.store.get_batch(batch_id)
             if batch is None:
                 raise BatchNotFound(batch_id)
@@ -396,10 +396,6 @@ class SearchService(pb_grpc.SearchServiceServicer):
             task = asyncio.ensure_future(self.orchestrator.cancel(search_id))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())
             raise
-
-
-def _required(value: str, field: str) -> str:
-    return _checked_id(value, field)
 
 
 def _checked_id(value: str, field: str) -> str:
