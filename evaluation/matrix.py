@@ -16,9 +16,8 @@ from typing import Any
 from lodestar.evaluation.datasets import EvalProblem, as_written, is_correct
 from lodestar.orchestrator.algorithms.particle_gibbs import ParticleGibbsParams
 from lodestar.orchestrator.algorithms.registry import ParamError, start_search
-from lodestar.orchestrator.batching import Workers
-from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
-from lodestar.orchestrator.state_store import JobSpec, JobStatus, MemoryStateStore, StoreConfig
+from lodestar.orchestrator.driver import Orchestrator
+from lodestar.orchestrator.state_store import JobSpec, JobStatus
 from lodestar.services.batch_files import cut_torn_tail
 
 BUDGET_FREE = frozenset({"greedy"})
@@ -191,17 +190,16 @@ def run_row(
 async def run_matrix(
     matrix: Matrix,
     problems: Sequence[EvalProblem],
-    workers: Workers,
+    orchestrator: Orchestrator,
     out: Path,
     max_live: int = 32,
     on_done: Callable[[dict[str, Any]], None] | None = None,
 ) -> int:
-    """Run every missing run of the matrix, cell by cell (one (variant, budget) at a time, its
-    problems and seeds concurrently, so batches hold comparable searches); append each finished
-    run to `out` at once. Returns the number of runs this call did."""
+    """Run every missing run of the matrix on a started orchestrator, cell by cell (one
+    (variant, budget) at a time, its problems and seeds concurrently, so batches hold comparable
+    searches); append each finished run to `out` at once. Returns the number of runs this call
+    did."""
     done = read_done(out)
-    store = MemoryStateStore(StoreConfig())
-    orchestrator = Orchestrator(store, workers, OrchestratorConfig(max_live=max_live))
     gate = asyncio.Semaphore(max_live)
     ids = itertools.count()
     finished = 0
@@ -228,14 +226,10 @@ async def run_matrix(
         if on_done is not None:
             on_done(row)
 
-    try:
-        with out.open("a", encoding="utf-8") as sink:
-            runs = matrix.missing(problems, done)
-            for _, cell in itertools.groupby(runs, key=lambda run: (run[0].label, run[1])):
-                await asyncio.gather(*(one(*run, sink) for run in cell))
-    finally:
-        await orchestrator.close()
-        await store.close()
+    with out.open("a", encoding="utf-8") as sink:
+        runs = matrix.missing(problems, done)
+        for _, cell in itertools.groupby(runs, key=lambda run: (run[0].label, run[1])):
+            await asyncio.gather(*(one(*run, sink) for run in cell))
     return finished
 
 

@@ -4,7 +4,7 @@ client should not see is printed in red).
 
     .venv/bin/python -m lodestar.evaluation.reliability [--quick] [--json FILE]
 
-The service is the whole `lodestar serve` path in this process: `services.app.runtime` (a
+The service is the whole `lodestar serve` path in this process: `services.runtime` (a
 private local Ray, the shipped policy and the verifier reward as Ray actors, the orchestrator, a
 Redis state store on a private `redis-server`) behind a `LodestarServer` on 127.0.0.1, started
 in `serve()`'s order, with the watchdog probing every 0.25 s instead of every 10 s so that a
@@ -195,8 +195,9 @@ async def service(sizes: Sizes) -> AsyncIterator[Service]:
     from grpc_health.v1 import health_pb2_grpc
 
     from lodestar.orchestrator.worker_pool import PoolConfig
-    from lodestar.services.app import ServeConfig, runtime
+    from lodestar.services.app import ServeConfig
     from lodestar.services.local_redis import LocalRedis
+    from lodestar.services.runtime import RuntimeConfig, open_runtime
     from lodestar.services.server import LodestarServer, ServerConfig
     from lodestar.services.watchdog import WatchConfig, watch_workers
     from lodestar.v1 import search_pb2_grpc as pb_grpc
@@ -205,18 +206,17 @@ async def service(sizes: Sizes) -> AsyncIterator[Service]:
     with LocalRedis() as redis:
         config = ServeConfig(
             server=ServerConfig(address="127.0.0.1:0"),
-            pool=PoolConfig(threads=1, num_gpus=gpus),
-            store_url=redis.url,
+            runtime=RuntimeConfig(PoolConfig(threads=1, num_gpus=gpus), store_url=redis.url),
             watch=WatchConfig(interval_s=WATCH_INTERVAL_S, timeout_s=WATCH_TIMEOUT_S),
         )
-        async with runtime(config) as (orchestrator, pool):
+        async with open_runtime(config.runtime) as runtime:
+            orchestrator, pool = runtime.orchestrator, runtime.workers
             server = LodestarServer(orchestrator, config.server)
             watchdog: asyncio.Task[None] | None = None
             channels: list[grpc.aio.Channel] = []
             try:
                 port = await server.start()
-                await pool.ready()
-                await orchestrator.start()
+                await runtime.start()
                 await server.set_serving()
                 watchdog = asyncio.create_task(
                     watch_workers(pool, server, config.watch, store=orchestrator.store)
@@ -745,8 +745,6 @@ async def actor_back(handle: Any, old_pid: int, timeout_s: float = 120.0) -> flo
 async def policy_killed(svc: Service, sizes: Sizes) -> dict[str, Any]:
     """A wave of searches; `fault_after_s` in, the policy actor killed (Ray restarts it); the
     wave goes on `tail_s` after the actor answers again."""
-    import ray
-
     handle = svc.pool.policy_members[0].handle
     old_pid = (await handle.info.remote())["pid"]
     stop = asyncio.Event()
@@ -754,7 +752,7 @@ async def policy_killed(svc: Service, sizes: Sizes) -> dict[str, Any]:
         running = asyncio.ensure_future(wave(svc, sizes, "kill-wave", 41, stop))
         await asyncio.sleep(sizes.fault_after_s)
         killed = time.monotonic()
-        ray.kill(handle, no_restart=False)
+        svc.pool.crash(handle)
         back_s = await actor_back(handle, old_pid)
         back = killed + (back_s if back_s is not None else 0.0)
         await asyncio.sleep(sizes.tail_s)

@@ -18,7 +18,7 @@ READING = {
     "verifier": "Reward `verifier`: an exact check of each arithmetic step (an oracle PRM), so "
     "these curves show what the search algorithms do with a reliable step signal.",
     "prm": "Reward `prm`: the small PRM Lodestar ships, learned on the same task; how well it "
-    "ranks steps is measured in docs/search-accuracy.md (`evaluate_prm`).",
+    "ranks steps is measured in docs/search-accuracy.md (`lodestar.evaluation.prm_quality`).",
     "other": "Reward: the PRM directory named above.",
 }
 

@@ -4,10 +4,8 @@ bar, then write the summary, plots and report from every run in the folder."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shlex
 import sys
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +17,9 @@ from lodestar.evaluation.datasets import EvalProblem, from_jsonl, synthetic
 from lodestar.evaluation.matrix import Matrix, read_done, read_rows, run_matrix
 from lodestar.evaluation.report import check_manifest, write_outputs
 from lodestar.evaluation.summary import Cell
+from lodestar.orchestrator.driver import OrchestratorConfig
+from lodestar.orchestrator.worker_pool import PoolConfig
+from lodestar.services.runtime import RuntimeConfig, open_runtime
 from lodestar.workers.factory import ModelConfig
 
 RUNS = "runs.jsonl"
@@ -56,31 +57,14 @@ def load_problems(options: EvalOptions) -> tuple[list[EvalProblem], dict[str, An
     return problems, described
 
 
-@contextlib.asynccontextmanager
-async def open_workers(options: EvalOptions) -> AsyncIterator[Any]:
-    """The service's worker runtimes: in-process workers, or Ray actors (a private local Ray)."""
-    if options.runtime == "local":
-        import torch
-
-        from lodestar.orchestrator.inprocess import LocalWorkers
-        from lodestar.workers.factory import build_policy, build_reward
-
-        if options.threads:
-            torch.set_num_threads(options.threads)
-        yield LocalWorkers(build_policy(options.models), build_reward(options.models))
-        return
-    import ray
-
-    from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
-
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    pool = RayWorkerPool(PoolConfig(models=options.models, threads=options.threads))
-    try:
-        await pool.ready()
-        yield pool
-    finally:
-        pool.shutdown()
-        ray.shutdown()
+def runtime_config(options: EvalOptions) -> RuntimeConfig:
+    """The service's runtime over the memory store: engines in this process, or Ray actors (a
+    private local Ray)."""
+    return RuntimeConfig(
+        pool=PoolConfig(models=options.models, threads=options.threads),
+        in_process=options.runtime == "local",
+        orchestrator=OrchestratorConfig(max_live=options.max_live),
+    )
 
 
 def evaluate(options: EvalOptions, console: Console) -> list[Cell]:
@@ -138,5 +122,8 @@ async def _run(
             acc = f"{seen['correct'] / seen['n']:.2f}"
             progress.update(task, advance=1, description=row["label"], acc=acc)
 
-        async with open_workers(options) as workers:
-            await run_matrix(options.matrix, problems, workers, runs, options.max_live, on_done)
+        async with open_runtime(runtime_config(options)) as runtime:
+            await runtime.start()
+            await run_matrix(
+                options.matrix, problems, runtime.orchestrator, runs, options.max_live, on_done
+            )

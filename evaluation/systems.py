@@ -31,9 +31,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lodestar.orchestrator.inprocess import SyncPolicy, SyncReward
-from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
+from lodestar.orchestrator.driver import OrchestratorConfig
+from lodestar.orchestrator.state_store import JobSpec
+from lodestar.orchestrator.worker_pool import PoolConfig
+from lodestar.services.runtime import RuntimeConfig, open_runtime
 from lodestar.tasks.arithmetic import Difficulty, Problem, generate_problems
+from lodestar.workers.contract import PolicyEngine, RewardEngine
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
@@ -150,54 +153,49 @@ class CallClock:
         return sum(e - s for s, e in self.spans)
 
 
-class TimedPolicy:
-    def __init__(self, worker: SyncPolicy, clock: CallClock) -> None:
-        self.worker, self.clock = worker, clock
+class _Facade:
+    """An engine with one method changed; the rest (`release_prefix`, `stats`, `device`) is the
+    engine's own."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.worker, name)
+
+
+class TimedPolicy(_Facade):
+    def __init__(self, worker: PolicyEngine, clock: CallClock) -> None:
+        super().__init__(worker)
+        self.clock = clock
 
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
         return self.clock.run(self.worker.extend, requests)
 
-    def release_prefix(self, prefix: str) -> int:
-        return self.worker.release_prefix(prefix)
 
-
-class TimedReward:
-    def __init__(self, worker: SyncReward, clock: CallClock) -> None:
-        self.worker, self.clock = worker, clock
+class TimedReward(_Facade):
+    def __init__(self, worker: RewardEngine, clock: CallClock) -> None:
+        super().__init__(worker)
+        self.clock = clock
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         return self.clock.run(self.worker.score, requests)
 
-    def release_prefix(self, prefix: str) -> int:
-        return self.worker.release_prefix(prefix)
 
-
-class PerParticlePolicy:
+class PerParticlePolicy(_Facade):
     """its_hub's policy access: one model call per particle per step (give it a worker whose
     cache is off, so nothing is reused between calls either)."""
-
-    def __init__(self, worker: SyncPolicy) -> None:
-        self.worker = worker
 
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
         return [out for r in requests for out in self.worker.extend([r])]
 
-    def release_prefix(self, prefix: str) -> int:
-        return self.worker.release_prefix(prefix)
 
-
-class FullRescoreReward:
+class FullRescoreReward(_Facade):
     """its_hub's PRM access: every particle's whole prefix rescored each step, in one call per
     step (no parent named; give it a worker whose cache is off)."""
 
-    def __init__(self, worker: SyncReward) -> None:
-        self.worker = worker
-
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         return self.worker.score([dataclasses.replace(r, parent_id=None) for r in requests])
-
-    def release_prefix(self, prefix: str) -> int:
-        return self.worker.release_prefix(prefix)
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -234,33 +232,45 @@ async def alternate(
 
 
 async def run_engine(
-    policy: SyncPolicy, reward: SyncReward, jobs: list[SearchJob], concurrency: int
+    policy: PolicyEngine,
+    reward: RewardEngine,
+    jobs: list[JobSpec],
+    concurrency: int,
+    models: ModelConfig,
 ) -> Sample:
-    """The searches through a fresh `LocalEngine` (so its batch sizes are this run's only)."""
+    """The searches through a fresh in-process runtime (memory store, the engines in threads of
+    this process; fresh, so its batch sizes are this run's only): the path `lodestar solve` and
+    `lodestar eval` take."""
     clock = CallClock()
-    engine = LocalEngine(
-        TimedPolicy(policy, clock), TimedReward(reward, clock), concurrency=concurrency
+    config = RuntimeConfig(
+        PoolConfig(models), in_process=True, orchestrator=OrchestratorConfig(max_live=concurrency)
     )
-    started = time.perf_counter()
-    done = await engine.solve_all(jobs)
-    wall = time.perf_counter() - started
-    sizes = engine.policy_batch_sizes
+    engines = TimedPolicy(policy, clock), TimedReward(reward, clock)
+    async with open_runtime(config, engines) as runtime:
+        await runtime.start()
+        started = time.perf_counter()
+        records = await asyncio.gather(*(runtime.orchestrator.solve(j) for j in jobs))
+        wall = time.perf_counter() - started
+        sizes = runtime.workers.policy_batcher.batch_sizes
+    results = [json.loads(r.result or "null") for r in records]
+    if any(r is None for r in results):
+        raise RuntimeError(f"bench searches failed: {[r.error for r in records if r.error]}")
     return Sample(
         wall_s=wall,
-        answers=[f.result.answer for f in done],
+        answers=[r["answer"] for r in results],
         model_busy_s=clock.busy_s(),
         model_sum_s=clock.sum_s(),
         mean_policy_batch=sum(sizes) / max(len(sizes), 1),
-        prompt_tokens=sum(f.result.spend.prompt_tokens for f in done),
-        prm_tokens=sum(f.result.spend.prm_tokens for f in done),
+        prompt_tokens=sum(r["spend"]["prompt_tokens"] for r in results),
+        prm_tokens=sum(r["spend"]["prm_tokens"] for r in results),
     )
 
 
 async def run_one_at_a_time(
-    policy: SyncPolicy, reward: SyncReward, jobs: list[SearchJob]
+    policy: PolicyEngine, reward: RewardEngine, jobs: list[JobSpec], models: ModelConfig
 ) -> Sample:
     """Searches one after another, each alone on the workers."""
-    parts = [await run_engine(policy, reward, [job], 1) for job in jobs]
+    parts = [await run_engine(policy, reward, [job], 1, models) for job in jobs]
     return Sample(
         wall_s=sum(p.wall_s for p in parts),
         answers=[a for p in parts for a in p.answers],
@@ -285,31 +295,12 @@ def same_answers(*runs: Sequence[Sample]) -> bool:
 # -- the gRPC stack ------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def ray_session(num_cpus: int = 4) -> Any:
-    """Ray as the caller left it: an initialised Ray is used as is; otherwise a private local one
-    is started and shut down on exit."""
-    import ray
-
-    owned = not ray.is_initialized()
-    if owned:
-        ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        if owned:
-            ray.shutdown()
-
-
 @contextlib.asynccontextmanager
 async def grpc_stack(options: BenchOptions, max_live: int) -> AsyncIterator[Any]:
     """A `SearchService` stub over loopback to `LodestarServer` → `Orchestrator` (Redis state)
-    → `RayWorkerPool` actors: the whole `lodestar serve` path. Needs Ray initialised."""
+    → `RayWorkerPool` actors (a private local Ray): the whole `lodestar serve` path."""
     import grpc
 
-    from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
-    from lodestar.orchestrator.state_store import open_state_store
-    from lodestar.orchestrator.worker_pool import PoolConfig, RayWorkerPool
     from lodestar.services.local_redis import LocalRedis
     from lodestar.services.server import LodestarServer, ServerConfig
     from lodestar.v1 import search_pb2_grpc as pb_grpc
@@ -319,18 +310,14 @@ async def grpc_stack(options: BenchOptions, max_live: int) -> AsyncIterator[Any]
         if url is None:
             local_redis = stack.enter_context(LocalRedis())
             url = local_redis.url
-        store = open_state_store(url)
-        stack.push_async_callback(store.close)
-        await store.ping()
         # On a GPU machine the two actors share it, as the in-process side's two models do.
         gpus = 0.5 if torch.cuda.is_available() else 0.0
-        config = PoolConfig(models=options.models(), threads=options.threads, num_gpus=gpus)
-        pool = RayWorkerPool(config)
-        stack.callback(pool.shutdown)
-        await pool.ready()
-        orchestrator = Orchestrator(store, pool, OrchestratorConfig(max_live=max_live))
-        stack.push_async_callback(orchestrator.close)
-        await orchestrator.start()
+        pool = PoolConfig(models=options.models(), threads=options.threads, num_gpus=gpus)
+        orchestrator = OrchestratorConfig(max_live=max_live)
+        config = RuntimeConfig(pool, store_url=url, orchestrator=orchestrator, ray_cpus=4)
+        runtime = await stack.enter_async_context(open_runtime(config))
+        await runtime.start()
+        orchestrator = runtime.orchestrator
         server = LodestarServer(orchestrator, ServerConfig(address="127.0.0.1:0"))
         port = await server.start()
         stack.push_async_callback(server.stop)
@@ -342,7 +329,7 @@ async def grpc_stack(options: BenchOptions, max_live: int) -> AsyncIterator[Any]
         yield pb_grpc.SearchServiceStub(channel)
 
 
-async def run_grpc(stub: Any, jobs: list[SearchJob]) -> Sample:
+async def run_grpc(stub: Any, jobs: list[JobSpec]) -> Sample:
     """The searches as concurrent unary `Search` calls."""
     from lodestar.services.client import search_request
 
@@ -491,33 +478,34 @@ async def search_rows(
     from lodestar.workers.policy import PolicyWorker
 
     n, particles = options.problems, options.particles
-    policy = build_policy(options.models())
+    models = options.models()
+    policy = build_policy(models)
     policy_off = PolicyWorker(policy.model, policy.tokenizer, cache_tokens=0)
-    reward = build_reward(options.models())
+    reward = build_reward(models)
     reward_off = without_cache(reward)
     jobs = [
-        SearchJob("pf", p.expression, {"n": particles}, i, BUDGET) for i, p in enumerate(problems)
+        JobSpec(f"bench-{i}", "pf", {"n": particles}, p.expression, i, BUDGET)
+        for i, p in enumerate(problems)
     ]
     levels = sorted({min(c, n) for c in options.concurrency})
 
-    with ray_session():
-        async with grpc_stack(options, max_live=n) as stub:
-            modes: dict[str, Mode] = {
-                "in-process": lambda: run_engine(policy, reward, jobs, n),
-                "policy cache off": lambda: run_engine(policy_off, reward, jobs, n),
-                "gRPC + Ray + Redis": lambda: run_grpc(stub, jobs),
-                "its_hub pattern": lambda: run_one_at_a_time(
-                    PerParticlePolicy(policy_off), FullRescoreReward(reward_off), jobs
-                ),
-                "one at a time": lambda: run_one_at_a_time(policy, reward, jobs),
-            }
-            for level in levels:
-                if level != n:
-                    modes[f"{level} live"] = lambda k=level: run_engine(policy, reward, jobs, k)
-            progress("warm-up")  # first calls: allocator, Ray actor code paths, Redis scripts
-            await run_engine(policy, reward, jobs[:4], n)
-            await run_grpc(stub, jobs[:4])
-            samples = await alternate(modes, options.repeats, progress)
+    async with grpc_stack(options, max_live=n) as stub:
+        modes: dict[str, Mode] = {
+            "in-process": lambda: run_engine(policy, reward, jobs, n, models),
+            "policy cache off": lambda: run_engine(policy_off, reward, jobs, n, models),
+            "gRPC + Ray + Redis": lambda: run_grpc(stub, jobs),
+            "its_hub pattern": lambda: run_one_at_a_time(
+                PerParticlePolicy(policy_off), FullRescoreReward(reward_off), jobs, models
+            ),
+            "one at a time": lambda: run_one_at_a_time(policy, reward, jobs, models),
+        }
+        for level in levels:
+            if level != n:
+                modes[f"{level} live"] = lambda k=level: run_engine(policy, reward, jobs, k, models)
+        progress("warm-up")  # first calls: allocator, Ray actor code paths, Redis scripts
+        await run_engine(policy, reward, jobs[:4], n, models)
+        await run_grpc(stub, jobs[:4])
+        samples = await alternate(modes, options.repeats, progress)
     samples.setdefault(f"{n} live", samples["in-process"])
     return build_search_rows(options, samples, levels)
 
@@ -536,7 +524,8 @@ def build_search_rows(
         "A: time during which a policy extend or a reward score call was running (timed around "
         "each call: tokenize, forward, sample, cache bookkeeping; overlapping policy and reward "
         "calls counted once). B: wall time of the searches. B/A - 1 is the share of wall time "
-        "with no model call running: batching windows, the step loop, thread hand-offs."
+        "with no model call running: batching windows, the step loop (checkpoint and event per "
+        "step, to the memory store), thread hand-offs."
     )
     for live, run, run_wall in ((n, base, wall), (1, one, wall_one)):
         busy = median(run, lambda s: s.model_busy_s)
@@ -544,7 +533,7 @@ def build_search_rows(
             Row(
                 section=1,
                 name="orchestration overhead",
-                setting=f"{searches}, {live} live, LocalEngine",
+                setting=f"{searches}, {live} live, in process",
                 a="time in worker calls",
                 a_s=busy,
                 b="search wall time",
@@ -590,7 +579,7 @@ def build_search_rows(
             section=4,
             name="in-process vs service",
             setting=f"{searches}, {n} live, {options.threads} torch thread(s) per worker",
-            a="LocalEngine",
+            a="in process",
             a_s=wall,
             b="gRPC + Ray + Redis",
             b_s=wall_service,
@@ -598,8 +587,9 @@ def build_search_rows(
             note=(
                 "B: the same searches as concurrent Search calls over loopback gRPC to a "
                 "LodestarServer whose Orchestrator checkpoints every step to Redis and calls "
-                "the models in Ray actors (policy and reward: one process each). A: LocalEngine, "
-                "both models in this process (two threads sharing one GIL with the event loop)."
+                "the models in Ray actors (policy and reward: one process each). A: in process "
+                "(memory store), both models in this process (two threads sharing one GIL with the "
+                "event loop)."
             ),
             checks={"answers identical": same_answers(base, service)},
         )
@@ -612,14 +602,14 @@ def build_search_rows(
             Row(
                 section=5,
                 name="cross-search batching",
-                setting=f"{searches}, LocalEngine",
+                setting=f"{searches}, in process",
                 a=f"{level} live" + (" (the baseline)" if level == 1 else ""),
                 a_s=wall_k,
                 b="1 live",
                 b_s=wall_one,
                 ratio=wall_one / wall_k,
                 note=(
-                    "At most k searches live in one engine; their model calls merge into shared "
+                    "At most k searches live in one runtime; their model calls merge into shared "
                     "batches (mean policy batch). B/A is the throughput gain over one search at "
                     "a time."
                 ),

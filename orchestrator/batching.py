@@ -245,3 +245,9 @@ class Workers(Protocol):
     def batchers(self) -> dict[str, list[RequestBatcher[Any, Any]]]:
         """The batchers by role ("policy", "reward"), for metrics."""
         ...
+
+    async def ready(self) -> list[dict[str, Any]]:
+        """Once the models have loaded: each host's `info` (`workers.contract.host_info`)."""
+        ...
+
+    def shutdown(self) -> None: ...

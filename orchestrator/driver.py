@@ -1,7 +1,8 @@
 """The orchestrator: runs the searches of a state store on a set of workers, one step at a time.
 
-Every accepted search is a job in the store and an asyncio task here. A task claims its job (a
-lease), loads the latest checkpoint or starts the algorithm from the job's spec, then loops:
+Every accepted search is a job in the store and an asyncio task here. `submit` validates the
+spec by building the algorithm's initial state and stores it with the job as generation 0, so a
+task claims its job (a lease) and loads the latest checkpoint, never rebuilding it, then loops:
 `advance` one step -> compare-and-set checkpoint + progress event + read the cancel flag (one
 round trip, `record_step`) -> stop if cancelled. So
 the store always holds the state after the newest completed step, and a search whose
@@ -147,13 +148,15 @@ def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation:
     }
 
 
-def _start(spec: JobSpec) -> tuple[SearchAlgorithm[Any, Any], Any]:
-    """Validate a job's spec in full and build the algorithm's initial state."""
+def _initial_checkpoint(spec: JobSpec) -> bytes:
+    """Validate a job's spec in full by building the algorithm's initial state; returns it
+    serialised, the job's generation-0 checkpoint."""
     try:
         problem = prompt_from_json(spec.problem)
     except ValueError as e:
         raise ParamError("problem", str(e)) from None
-    return start_search(spec.algorithm, problem, spec.params, spec.seed, spec.budget)
+    algorithm, state = start_search(spec.algorithm, problem, spec.params, spec.seed, spec.budget)
+    return algorithm.dumps(state)
 
 
 INTERNAL_MESSAGE = "the search failed on the server; its log has the detail under the search id"
@@ -295,16 +298,17 @@ class Orchestrator:
 
     # -- the API ---------------------------------------------------------------------------------
 
-    def check(self, spec: JobSpec) -> None:
+    def check(self, spec: JobSpec) -> bytes:
         """Everything that can be checked before a search is stored: the spec (parameters,
-        budget, seed) and the problem against the served models. Raises `ParamError`."""
-        _start(spec)
-        if self.intake is None:
-            return
-        try:
-            self.intake.check(prompt_from_json(spec.problem))
-        except ProblemRefused as e:
-            raise ParamError(e.field, e.message) from None
+        budget, seed) and the problem against the served models. Raises `ParamError`. Returns
+        the generation-0 checkpoint the check built, which submit stores with the job."""
+        initial = _initial_checkpoint(spec)
+        if self.intake is not None:
+            try:
+                self.intake.check(prompt_from_json(spec.problem))
+            except ProblemRefused as e:
+                raise ParamError(e.field, e.message) from None
+        return initial
 
     async def submit(self, spec: JobSpec, timeout_s: float | None = None) -> JobRecord:
         """Validate, store and schedule a search. Raises `ParamError` (bad request, nothing
@@ -312,11 +316,11 @@ class Orchestrator:
         search still running then stops at once: CANCELLED, kind DEADLINE_EXCEEDED."""
         if self._draining:
             raise ShuttingDown("the server is shutting down: submit to another server")
-        self.check(spec)
+        initial = self.check(spec)
         limit = self.config.max_live + self.config.max_queued
         if self.accepted >= limit:
             raise Overloaded(limit)
-        record = await self.store.create_job(spec)
+        record = await self.store.create_job(spec, initial)
         log.info(
             "search %s accepted (%s)",
             spec.search_id,
@@ -331,23 +335,24 @@ class Orchestrator:
     async def submit_batch(
         self, batch_id: str, settings: Any, specs: Sequence[JobSpec]
     ) -> BatchRecord:
-        """Validate every item, then store the batch and its queued jobs in one go. Items are
-        not admitted here: every orchestrator of the store claims them as it has free slots.
-        Raises `ItemsRefused` (every bad item's `items[i].problem`), `ParamError` (a shared
-        field), `BatchExists`, `JobExists`."""
+        """Validate every item, then store the batch and its queued jobs, each with its
+        generation-0 checkpoint, in one go. Items are not admitted here: every orchestrator of
+        the store claims them as it has free slots. Raises `ItemsRefused` (every bad item's
+        `items[i].problem`), `ParamError` (a shared field), `BatchExists`, `JobExists`."""
         if self._draining:
             raise ShuttingDown("the server is shutting down: submit to another server")
         refused: list[tuple[str, str]] = []
+        initial: list[bytes] = []
         for i, spec in enumerate(specs):
             try:
-                self.check(spec)
+                initial.append(self.check(spec))
             except ParamError as e:  # the item's own fields get its index; shared ones do not
                 if e.field.split(".")[0] not in ("problem", "seed"):
                     raise
                 refused.append((f"items[{i}].{e.field}", e.message))
         if refused:
             raise ItemsRefused(refused)
-        record = await self.store.create_batch(batch_id, settings, specs)
+        record = await self.store.create_batch(batch_id, settings, specs, initial)
         log.info("batch %s accepted (%d items)", batch_id, len(specs), extra={"batch_id": batch_id})
         self._wake.set()
         return record
@@ -433,18 +438,14 @@ class Orchestrator:
                     await self.workers.release(search_id)
 
     async def _drive(self, record: JobRecord) -> JobRecord:
-        spec, sid = record.spec, record.search_id
+        sid = record.search_id
         if await self.store.is_cancelled(sid):
             return await self._cancelled(sid)
-        algorithm: SearchAlgorithm[Any, Any]
         checkpoint = await self.store.load_checkpoint(sid)
-        if checkpoint is None:
-            algorithm, state = _start(spec)
-            generation = 0
-        else:
-            algorithm = algorithm_for_checkpoint(checkpoint.data)
-            state = algorithm.loads(checkpoint.data)
-            generation = checkpoint.generation
+        # None only for a job an older version stored, before submit wrote generation 0 with it
+        generation, data = checkpoint or (0, _initial_checkpoint(record.spec))
+        algorithm = algorithm_for_checkpoint(data)
+        state = algorithm.loads(data)
         scope = self.workers.scope(sid)
         cancelled = False  # checked above; then the flag comes back with each step's write
         interrupt = self._interrupts[sid] = asyncio.Event()

@@ -1,56 +1,31 @@
-"""Async faces of in-process workers, for one-process runs (`lodestar solve`, tests, benchmarks).
+"""Workers in this process: the engines behind the same `Workers` interface as the Ray pool.
 
-The algorithms await `policy.extend` / `reward.score`; a worker in this process is synchronous
-torch code, so each call runs in a thread and calls are serialised (one forward loop at a time,
-as on a Ray actor). The distributed runtime swaps these for Ray actors (`worker_pool`).
+The runtime for one-machine commands (`lodestar solve`, `eval`, `bench`) and single-process
+tests. An engine is synchronous torch code, so each call runs in a worker thread and calls are
+serialised per engine (one forward loop at a time, as on a Ray actor).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from lodestar.orchestrator.batching import RequestBatcher, SearchScope, request_chars
-from lodestar.workers.messages import (
-    ExtendRequest,
-    RequestFailed,
-    ScoreRequest,
-    StepOutput,
-    StepScores,
-)
+from lodestar.workers.contract import PolicyEngine, RewardEngine, host_info
+
+T = TypeVar("T")
 
 
-class SyncPolicy(Protocol):
-    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]: ...
+class _InThread:
+    """One engine's calls, one at a time, each in a worker thread (the event loop stays free)."""
 
-    def release_prefix(self, prefix: str) -> int: ...
-
-
-class SyncReward(Protocol):
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]: ...
-
-    def release_prefix(self, prefix: str) -> int: ...
-
-
-class LocalPolicy:
-    def __init__(self, worker: SyncPolicy) -> None:
-        self.worker = worker
+    def __init__(self) -> None:
         self.lock = asyncio.Lock()
 
-    async def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
+    async def run(self, method: Callable[..., T], *args: Any) -> T:
         async with self.lock:
-            return await asyncio.to_thread(self.worker.extend, list(requests))
-
-
-class LocalReward:
-    def __init__(self, worker: SyncReward) -> None:
-        self.worker = worker
-        self.lock = asyncio.Lock()
-
-    async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
-        async with self.lock:
-            return await asyncio.to_thread(self.worker.score, list(requests))
+            return await asyncio.to_thread(method, *args)
 
 
 class LocalWorkers:
@@ -58,17 +33,24 @@ class LocalWorkers:
 
     def __init__(
         self,
-        policy: SyncPolicy,
-        reward: SyncReward,
+        policy: PolicyEngine,
+        reward: RewardEngine,
         max_batch: int = 256,
         max_wait_s: float = 0.001,
         max_call_chars: int | None = 1_000_000,
     ) -> None:
-        self._policy = LocalPolicy(policy)
-        self._reward = LocalReward(reward)
+        self.policy, self.reward = policy, reward
+        self._policy, self._reward = _InThread(), _InThread()
         bounds = dict(cost=request_chars, max_cost=max_call_chars)
-        self.policy_batcher = RequestBatcher(self._policy.extend, max_batch, max_wait_s, **bounds)
-        self.reward_batcher = RequestBatcher(self._reward.score, max_batch, max_wait_s, **bounds)
+
+        async def extend(requests: list[Any]) -> list[Any]:
+            return await self._policy.run(policy.extend, requests)
+
+        async def score(requests: list[Any]) -> list[Any]:
+            return await self._reward.run(reward.score, requests)
+
+        self.policy_batcher = RequestBatcher(extend, max_batch, max_wait_s, **bounds)
+        self.reward_batcher = RequestBatcher(score, max_batch, max_wait_s, **bounds)
 
     def scope(self, search_id: str) -> SearchScope:
         return SearchScope(search_id, self.policy_batcher.submit, self.reward_batcher.submit)
@@ -76,9 +58,14 @@ class LocalWorkers:
     def batchers(self) -> dict[str, list[RequestBatcher[Any, Any]]]:
         return {"policy": [self.policy_batcher], "reward": [self.reward_batcher]}
 
+    async def ready(self) -> list[dict[str, Any]]:
+        """The engines are loaded before this is built; their one host's `info`."""
+        return [host_info(self.policy, self.reward)]
+
     async def release(self, search_id: str) -> None:
         prefix = SearchScope.prefix_of(search_id)
-        async with self._policy.lock:
-            self._policy.worker.release_prefix(prefix)
-        async with self._reward.lock:
-            self._reward.worker.release_prefix(prefix)
+        await self._policy.run(self.policy.release_prefix, prefix)
+        await self._reward.run(self.reward.release_prefix, prefix)
+
+    def shutdown(self) -> None:
+        """Nothing to stop: the engines go with this process."""

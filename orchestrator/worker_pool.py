@@ -196,6 +196,10 @@ class RayWorkerPool:
     def live_searches(self) -> int:
         return len(self._assigned)
 
+    def crash(self, handle: Any) -> None:
+        """Kill one actor as a failing node would (Ray restarts it): for fault drills."""
+        ray.kill(handle, no_restart=False)
+
     def shutdown(self) -> None:
         for dropping in list(self._dropping):  # the actors and their caches go with them
             dropping.cancel()

@@ -143,39 +143,57 @@ def solve(
 ) -> None:
     """Run one search in this process and print the answer and what it spent."""
     from lodestar.orchestrator.algorithms.registry import ParamError, start_search
-    from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
-    from lodestar.workers.factory import ModelConfig, build_policy, build_reward
+    from lodestar.orchestrator.state_store import JobSpec, JobStatus
+    from lodestar.orchestrator.worker_pool import PoolConfig
+    from lodestar.services.runtime import RuntimeConfig
+    from lodestar.workers.factory import ModelConfig
 
     params = _search_params(algorithm, budget, param)
-    caps = _caps(max_tokens, max_prm_passes)
-    job = SearchJob(algorithm, problem, params, seed, caps)
+    spec = JobSpec("solve", algorithm, params, problem, seed, _caps(max_tokens, max_prm_passes))
     try:  # validate before loading any model
-        start_search(job.algorithm, job.problem, job.params, job.seed, job.budget)
+        start_search(spec.algorithm, spec.problem, spec.params, spec.seed, spec.budget)
     except ParamError as e:
         raise typer.BadParameter(str(e)) from None
-
-    config = ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device)
-    started = time.perf_counter()
-    engine = LocalEngine(build_policy(config), build_reward(config))
-    loaded = time.perf_counter()
-    finished = asyncio.run(engine.solve(job))
-    result, wall = finished.result, finished.wall_time_s
+    models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device)
+    record, loaded, wall = asyncio.run(
+        _solve_in_process(RuntimeConfig(pool=PoolConfig(models=models), in_process=True), spec)
+    )
+    if record.status is not JobStatus.SUCCEEDED:
+        console.print(f"[red]{record.error_kind or record.status}[/red]: {record.error}")
+        raise typer.Exit(1)
+    result = json.loads(record.result or "{}")
 
     if as_json:
-        doc = dataclasses.asdict(result)
-        doc["spend"]["wall_time_s"] = round(wall, 4)
-        typer.echo(json.dumps(doc, indent=2))
+        result["spend"]["wall_time_s"] = round(wall, 4)
+        typer.echo(json.dumps(result, indent=2))
         return
-    console.print(f"[bold]answer[/bold]        {result.answer.strip()!r}")
-    console.print(f"[bold]final answer[/bold]  {result.final_answer}")
+    console.print(f"[bold]answer[/bold]        {result['answer'].strip()!r}")
+    console.print(f"[bold]final answer[/bold]  {result['final_answer']}")
     table = Table(title=f"{algorithm} spend", show_header=False)
-    for key, value in dataclasses.asdict(result.spend).items():
+    for key, value in result["spend"].items():
         table.add_row(key, str(value))
-    table.add_row("candidates", str(len(result.candidates)))
-    table.add_row("stop reason", result.stop_reason)
+    table.add_row("candidates", str(len(result["candidates"])))
+    table.add_row("stop reason", result["stop_reason"])
     table.add_row("search wall time (s)", f"{wall:.2f}")
-    table.add_row("model load time (s)", f"{loaded - started:.2f}")
+    table.add_row("model load time (s)", f"{loaded:.2f}")
     console.print(table)
+
+
+async def _solve_in_process(config: Any, spec: Any) -> tuple[Any, float, float]:
+    """(the finished job, model load seconds, search seconds) of one search in this process.
+    A problem the served models refuse is a bad argument, like a bad parameter."""
+    from lodestar.orchestrator.algorithms.registry import ParamError
+    from lodestar.services.runtime import open_runtime
+
+    started = time.perf_counter()
+    async with open_runtime(config) as runtime:
+        await runtime.start()
+        loaded = time.perf_counter()
+        try:
+            record = await runtime.orchestrator.solve(spec)
+        except ParamError as e:
+            raise typer.BadParameter(str(e)) from None
+        return record, loaded - started, time.perf_counter() - loaded
 
 
 @app.command()
@@ -288,14 +306,15 @@ def serve(
     server = dataclasses.replace(
         server, grace_s=grace_s, max_queued_batch_items=max_queued_batch_items
     )
+    limits = ProblemLimits(
+        max_problem_chars=max_problem_chars, max_problem_tokens=max_problem_tokens
+    )
     config = dataclasses.replace(
         config,
         server=server,
         metrics_host=metrics_host,
         watch=WatchConfig(dead_after_s=dead_after_s),
-        limits=ProblemLimits(
-            max_problem_chars=max_problem_chars, max_problem_tokens=max_problem_tokens
-        ),
+        runtime=dataclasses.replace(config.runtime, limits=limits),
     )
     asyncio.run(run(config, announce=lambda line: console.print(line, highlight=False)))
 
@@ -321,6 +340,7 @@ def _runtime_config(
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
     from lodestar.services.app import ServeConfig
+    from lodestar.services.runtime import RuntimeConfig
     from lodestar.services.server import ServerConfig
     from lodestar.workers.factory import ModelConfig
 
@@ -334,22 +354,24 @@ def _runtime_config(
             policy_model=policy_name,
             reward_model=reward_name,
         ),
-        pool=PoolConfig(
-            models=models,
-            policy_workers=policy_workers,
-            reward_workers=reward_workers,
-            num_gpus=num_gpus,
-            threads=threads,
+        runtime=RuntimeConfig(
+            pool=PoolConfig(
+                models=models,
+                policy_workers=policy_workers,
+                reward_workers=reward_workers,
+                num_gpus=num_gpus,
+                threads=threads,
+            ),
+            orchestrator=OrchestratorConfig(
+                max_live=max_live,
+                max_queued=max_queued,
+                lease_s=lease_s,
+                scan_interval_s=min(1.0, lease_s / 3),
+            ),
+            store_url=redis or "memory://",
+            store_password=redis_password,
+            ray_address=ray_address,
         ),
-        orchestrator=OrchestratorConfig(
-            max_live=max_live,
-            max_queued=max_queued,
-            lease_s=lease_s,
-            scan_interval_s=min(1.0, lease_s / 3),
-        ),
-        store_url=redis or "memory://",
-        store_password=redis_password,
-        ray_address=ray_address,
         metrics_port=metrics_port,
     )
 
@@ -445,10 +467,10 @@ def batch_run(
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
 ) -> None:
-    """Solve a file in this process, no server: the batch as a Ray job
-    (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like submit."""
+    """Solve a file with the service in this process (on a private loopback port): the batch
+    as a Ray job (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like
+    submit."""
     from lodestar.services.app import run_batch
-    from lodestar.services.client import drive_batch_file
 
     config = _runtime_config(
         policy,
@@ -467,11 +489,7 @@ def batch_run(
     )
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
-
-    def drive(stub: Any) -> Any:
-        return drive_batch_file(stub, None, job, console)
-
-    raise typer.Exit(asyncio.run(run_batch(config, drive)))
+    raise typer.Exit(asyncio.run(run_batch(config, job, console)))
 
 
 def _int_list(text: str, option: str) -> tuple[int, ...]:

@@ -25,6 +25,7 @@ from lodestar.services.batch_files import (
     read_problems,
     write_result,
 )
+from lodestar.services.convert import wire_shape
 from lodestar.services.server import ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
@@ -60,12 +61,9 @@ def open_channel(address: str, tls: ClientTLS = PLAINTEXT) -> grpc.aio.Channel:
 
 def params_to_wire(algorithm: str, params: dict[str, Any]) -> pb.AlgorithmParams:
     """The CLI's `key=value` parameters as the typed message (errors name the field)."""
-    doc = dict(params)
-    if algorithm == "early_rejection":
-        inner = doc.pop("inner", "beam")
-        doc[inner] = doc.pop("inner_params", {})
+    doc = {algorithm: wire_shape(algorithm, params, to_wire=True)}
     try:
-        return json_format.ParseDict({algorithm: doc}, pb.AlgorithmParams())
+        return json_format.ParseDict(doc, pb.AlgorithmParams())
     except json_format.ParseError as e:
         raise ValueError(f"params: {e}") from None
 
@@ -185,9 +183,10 @@ async def run_batch_file(
 async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console: Console) -> int:
     """Submit (or re-attach to) the batch of a problems file and append results as they come.
 
-    `stub` is a SearchService stub: a channel's, or `LocalStub` over a service in this process.
-    The batch id goes to `<output>.batch` first: a re-run attaches to that batch while the
-    service still has it, else submits only the lines the output file lacks."""
+    `stub` is a channel's SearchService stub (for `lodestar batch run` too: its server is on
+    loopback in the same process). The batch id goes to `<output>.batch` first: a re-run
+    attaches to that batch while the service still has it, else submits only the lines the
+    output file lacks."""
     problems, output = job.problems, job.output
     good, bad = read_problems(problems)
     for b in bad:

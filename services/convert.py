@@ -8,11 +8,13 @@ algorithm registry. Paths in errors are the wire's: `params.pf.n`, `budget.max_p
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from google.protobuf.message import Message
 
-from lodestar.orchestrator.algorithms.registry import ParamError
+from lodestar.orchestrator.algorithms.early_rejection import INNER
+from lodestar.orchestrator.algorithms.registry import ParamError, parse_params
 from lodestar.orchestrator.state_store import BatchRecord, JobRecord, JobStatus
 from lodestar.v1 import search_pb2 as pb
 
@@ -45,30 +47,30 @@ def problem_from_wire(problem: pb.Problem) -> str | list[dict[str, str]]:
     raise ParamError("problem", "set text or chat")
 
 
+def wire_shape(algorithm: str, fields: Mapping[str, Any], *, to_wire: bool) -> dict[str, Any]:
+    """Early rejection's parameters between their two shapes: the registry's names the inner
+    search (`inner: "pf"`) and holds its fields in `inner_params`; the wire's nests the inner
+    search's own message (`pf: {...}`). Other algorithms' fields are the same in both."""
+    out = dict(fields)
+    if algorithm == "early_rejection" and to_wire:
+        out[out.pop("inner", "beam")] = out.pop("inner_params", {})
+    elif algorithm == "early_rejection":
+        inner = next((name for name in out if name in INNER), None)
+        if inner is None:
+            raise ParamError("params.early_rejection", "choose the inner search (beam, pf, ...)")
+        out["inner"], out["inner_params"] = inner, out.pop(inner)
+    return out
+
+
 def params_from_wire(params: pb.AlgorithmParams) -> tuple[str, dict[str, Any]]:
-    """(algorithm name, its parameters as the registry takes them)."""
+    """(algorithm name, its parameters as the registry takes them), validated there so that
+    errors name the field by its path on the wire."""
     name = params.WhichOneof("algorithm")
     if name is None:
         raise ParamError("params", "choose an algorithm (one of the AlgorithmParams fields)")
-    fields = set_fields(getattr(params, name))
-    if name == "early_rejection":
-        inner = getattr(params, name).WhichOneof("inner")
-        if inner is None:
-            raise ParamError("params.early_rejection", "choose the inner search (beam, pf, ...)")
-        fields["inner"] = inner
-        fields["inner_params"] = fields.pop(inner)
+    fields = wire_shape(name, set_fields(getattr(params, name)), to_wire=False)
+    parse_params(name, fields, wire=True)
     return name, fields
-
-
-def wire_path(error: ParamError, algorithm: str, params: dict[str, Any]) -> ParamError:
-    """The registry names fields `params.n`, `params.inner_params.n`, `budget.x`, `problem`;
-    give them the wire's path: `params.pf.n`, `params.early_rejection.pf.n`."""
-    if not error.field.startswith("params."):
-        return error
-    field = error.field.removeprefix("params.")
-    if "inner" in params and field.startswith("inner_params"):
-        field = params["inner"] + field.removeprefix("inner_params")
-    return ParamError(f"params.{algorithm}.{field}", error.message)
 
 
 def spend_to_wire(spend: dict[str, Any], record: JobRecord | None = None) -> pb.Spend:

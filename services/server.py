@@ -49,7 +49,6 @@ from lodestar.services.convert import (
     result_to_wire,
     set_fields,
     status_to_wire,
-    wire_path,
 )
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
@@ -199,7 +198,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     async def Search(self, request: pb.SearchRequest, context: Any) -> pb.SearchResult:
         async with status_codes(context, "Search"):
             spec = self._spec(request)
-            await self._submit(spec, context.time_remaining())
+            await self.orchestrator.submit(spec, context.time_remaining())
             with self._cancel_on_disconnect(spec.search_id):
                 record = await self.orchestrator.wait(spec.search_id)
             return self._final(record)
@@ -209,7 +208,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
     ) -> AsyncIterator[pb.SearchEvent]:
         async with status_codes(context, "StreamSearch"):
             spec = self._spec(request)
-            await self._submit(spec, context.time_remaining())
+            await self.orchestrator.submit(spec, context.time_remaining())
             with self._cancel_on_disconnect(spec.search_id):
                 async for event in self.store.follow(spec.search_id, wait_s=1.0):
                     if event.terminal:
@@ -233,12 +232,7 @@ class SearchService(pb_grpc.SearchServiceServicer):
         async with status_codes(context, "SubmitBatch"):
             batch_id, settings, specs = self._batch(request)
             await self._admit_batch(len(specs))
-            try:
-                record = await self.orchestrator.submit_batch(batch_id, settings, specs)
-            except ItemsRefused:
-                raise
-            except ParamError as e:
-                raise wire_path(e, settings["algorithm"], settings["params"]) from None
+            record = await self.orchestrator.submit_batch(batch_id, settings, specs)
             return batch_to_wire(record)
 
     async def GetBatch(self, request: pb.GetBatchRequest, context: Any) -> pb.BatchStatus:
@@ -331,13 +325,6 @@ class SearchService(pb_grpc.SearchServiceServicer):
         algorithm, params = params_from_wire(request.params)
         budget = self._budget(set_fields(request.budget))
         return JobSpec(search_id, algorithm, params, problem, request.seed, budget)
-
-    async def _submit(self, spec: JobSpec, timeout_s: float | None = None) -> None:
-        """Store and start the search; a client's deadline becomes the search's own."""
-        try:
-            await self.orchestrator.submit(spec, timeout_s)
-        except ParamError as e:  # the registry's paths (`params.n`) as the wire's (`params.pf.n`)
-            raise wire_path(e, spec.algorithm, spec.params) from None
 
     async def _admit_batch(self, size: int) -> None:
         """RESOURCE_EXHAUSTED when `size` more items would pass `max_queued_batch_items`: the

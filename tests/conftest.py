@@ -5,6 +5,8 @@ threads was measured 100x slower than with one (thread contention), and tests ti
 throughput. The setting is restored before every test because training code sets its own.
 """
 
+import asyncio
+
 import pytest
 import torch
 
@@ -36,7 +38,9 @@ def ray_cluster():
     a stale cluster; one logical GPU lets placement tests ask for GPU shares on a CPU machine."""
     import ray
 
-    ray.init(address="local", include_dashboard=False, num_cpus=8, num_gpus=1, log_to_driver=False)
+    from lodestar.services.runtime import connect_ray
+
+    asyncio.run(connect_ray("local", 1, num_cpus=8, num_gpus=1))
     yield ray
     ray.shutdown()
 

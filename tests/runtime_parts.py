@@ -6,13 +6,17 @@ searches are provably mid-flight: kill a process, stop Redis, cancel. It changes
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from lodestar.orchestrator.state_store import JobSpec
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
+from lodestar.orchestrator.inprocess import LocalWorkers
+from lodestar.orchestrator.state_store import JobSpec, MemoryStateStore, StoreConfig
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import ExtendRequest, StepOutput
@@ -39,6 +43,32 @@ class Paced:
 def shipped_workers(reward: str = "verifier") -> tuple[Any, Any]:
     config = ModelConfig(reward=reward)
     return build_policy(config), build_reward(config)
+
+
+def solve_alone(models: tuple[Any, Any], specs: Sequence[JobSpec]) -> list[dict[str, Any]]:
+    """Each search run alone in process, one after another (an orchestrator on the memory store
+    with one live slot; a batch item as a lone search): the undisturbed result, as `comparable`
+    gives it."""
+
+    async def run() -> list[dict[str, Any]]:
+        async with MemoryStateStore(StoreConfig()) as store:
+            orchestrator = Orchestrator(
+                store, LocalWorkers(*models), OrchestratorConfig(max_live=1)
+            )
+            try:
+                alone = [dataclasses.replace(s, batch_id=None, batch_index=None) for s in specs]
+                return [comparable((await orchestrator.solve(s)).result) for s in alone]
+            finally:
+                await orchestrator.close()
+
+    return asyncio.run(run())
+
+
+async def stepped(store: Any, search_id: str) -> bool:
+    """Whether the search has checkpointed a step (generation 0 is its initial state, written at
+    submit)."""
+    checkpoint = await store.load_checkpoint(search_id)
+    return checkpoint is not None and checkpoint.generation > 0
 
 
 def problem_specs(

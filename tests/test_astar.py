@@ -218,10 +218,10 @@ def test_a_node_whose_samples_are_all_new_is_never_reopened(early_rejection):
     for seed in range(6):
         world = UniqueWorld(noise=0.4)
         state = _init(f"task-{seed}", seed)
-        if early_rejection:  # rescore: the second phase's PRM passes show that it ran
-            state.common.early_rejection = EarlyRejection(tau=2, keep=0.5, rescore=True)
-        while not ASTAR.is_done(state):
-            state = _advance(state, world)
+        # rescore: the second phase's PRM passes show that it ran
+        astar = AStarDecoding(EarlyRejection(2, 0.5, rescore=True) if early_rejection else None)
+        while not astar.is_done(state):
+            state = asyncio.run(astar.advance(state, world, world))
         assert state.duplicates == 0 and set(state.expanded.values()) == {1}
         assert len(state.expansions) == len(state.expanded)  # the prompt too: once
         rejected += state.common.spend.prm_passes > 4 * len(state.expansions)  # two phases ran
@@ -235,9 +235,8 @@ def test_a_star_with_early_rejection_spends_no_more_than_without_on_distinct_sam
         for i, p in enumerate(problems(40)):
             world = UniqueWorld(noise=0.4)
             state = _init(p, i)
-            if early_rejection:
-                state.common.early_rejection = EarlyRejection(tau=2, keep=0.5)
-            result = asyncio.run(run_search(ASTAR, state, world, world))
+            astar = AStarDecoding(EarlyRejection(tau=2, keep=0.5) if early_rejection else None)
+            result = asyncio.run(run_search(astar, state, world, world))
             tokens, passes = (
                 tokens + result.spend.generated_tokens,
                 passes + result.spend.prm_passes,
@@ -280,19 +279,17 @@ def test_prm_pass_cap_is_never_exceeded(cap, early_rejection):
     for seed in range(6):
         world = DistinctWorld()
         state = _init(f"task-{seed}", seed, Budget(max_prm_passes=cap), k=4)
-        if early_rejection:
-            state.common.early_rejection = EarlyRejection(tau=2, keep=0.5)
-        result = asyncio.run(run_search(ASTAR, state, world, world))
+        astar = AStarDecoding(EarlyRejection(tau=2, keep=0.5) if early_rejection else None)
+        result = asyncio.run(run_search(astar, state, world, world))
         assert result.spend.prm_passes <= cap
         assert result.stop_reason in ("budget", "solutions", "exhausted")
 
 
 def test_a_short_budget_shrinks_the_batch_first_then_k():
-    def common(passes=None, tokens=None, spent_passes=0, spent_tokens=0, er=None):
+    def common(passes=None, tokens=None, spent_passes=0, spent_tokens=0):
         budget = Budget(max_prm_passes=passes, max_generated_tokens=tokens)
         c = SearchCommon(problem="p", seed=0, budget=budget)
         c.spend = Spend(prm_passes=spent_passes, generated_tokens=spent_tokens)
-        c.early_rejection = er
         return c
 
     p = AStarParams()
@@ -302,14 +299,15 @@ def test_a_short_budget_shrinks_the_batch_first_then_k():
     assert affordable(common(tokens=100, spent_tokens=95), p, 4, 4) == (1, 4)
     assert affordable(common(tokens=100, spent_tokens=97), p, 4, 4) == (1, 3)
     er = EarlyRejection(tau=8, keep=0.5)  # each node: k heads + ceil(k / 2) finished and rescored
-    assert affordable(common(passes=13, er=er), p, 4, 4) == (2, 4)
-    assert affordable(common(passes=5, er=er), p, 4, 4) == (1, 3)
+    assert affordable(common(passes=13), p, 4, 4, er) == (2, 4)
+    assert affordable(common(passes=5), p, 4, 4, er) == (1, 3)
     # when tau does not fit the per-step token allowance, expand runs one phase: no extra passes
-    assert affordable(common(passes=4, tokens=20, er=er), p, 4, 4) == (1, 4)
-    for kwargs in ({"passes": 3, "spent_passes": 3}, {"tokens": 5, "spent_tokens": 5},
-                   {"passes": 1, "er": er}):  # fmt: skip
+    assert affordable(common(passes=4, tokens=20), p, 4, 4, er) == (1, 4)
+    for kwargs, rejection in [({"passes": 3, "spent_passes": 3}, None),
+                              ({"tokens": 5, "spent_tokens": 5}, None),
+                              ({"passes": 1}, er)]:  # fmt: skip
         with pytest.raises(BudgetExhausted):
-            affordable(common(**kwargs), p, 4, 4)
+            affordable(common(**kwargs), p, 4, 4, rejection)
 
 
 def test_the_budget_stop_keeps_unexpanded_states_open_and_reports_the_best():
@@ -328,8 +326,8 @@ def test_the_budget_stop_keeps_unexpanded_states_open_and_reports_the_best():
 
 def test_a_budget_too_small_for_one_successor_reports_the_prompt_unfinished():
     state = _init("task-1", 0, Budget(max_prm_passes=1))
-    state.common.early_rejection = EarlyRejection(tau=2, keep=0.5)  # 2 passes per successor
-    result = asyncio.run(run_search(ASTAR, state, ScriptedWorld(), ScriptedWorld()))
+    astar = AStarDecoding(EarlyRejection(tau=2, keep=0.5))  # 2 passes per successor
+    result = asyncio.run(run_search(astar, state, ScriptedWorld(), ScriptedWorld()))
     assert result.stop_reason == "budget" and result.spend.prm_passes == 0
     assert result.chosen == 0 and len(result.candidates) == 1
     assert result.answer == "" and not result.candidates[0].finished

@@ -113,6 +113,23 @@ def test_taken_batch_or_search_ids_leave_nothing_behind(backend: Backend) -> Non
     backend.run(body)
 
 
+def test_every_item_is_created_with_its_own_generation_0_checkpoint(backend: Backend) -> None:
+    async def body(store: StateStore) -> None:
+        initial = [f"initial {i}".encode() for i in range(3)]
+        with pytest.raises(ValueError, match="2 initial checkpoints for 3 items"):
+            await store.create_batch("g0", SETTINGS, items("g0", 3), initial[:2])
+        with pytest.raises(TypeError):
+            await store.create_batch("g0", SETTINGS, items("g0", 3), [*initial[:2], "text"])
+        assert await store.get_batch("g0") is None and await store.get_job("g0-0") is None
+        await store.create_batch("g0", SETTINGS, items("g0", 3), initial)
+        stored = [await store.load_checkpoint(f"g0-{i}") for i in range(3)]
+        assert stored == [(0, data) for data in initial]
+        await store.record_step("g0-1", 1, b"s1", b"e1")
+        assert await store.load_checkpoint("g0-1") == (1, b"s1")
+
+    backend.run(body)
+
+
 def test_items_must_name_their_batch_in_order(backend: Backend) -> None:
     async def body(store: StateStore) -> None:
         swapped = items("b", 3)
@@ -379,13 +396,15 @@ def test_redis_batch_keys_share_a_slot_and_get_the_ttl_once_done(
 def test_redis_creates_a_thousand_item_batch_in_pipelined_chunks(
     redis_server: LocalRedis,
 ) -> None:
-    """Printed for the record (run with -s), not asserted: timing is the machine's business."""
+    """Printed for the record (run with -s), not asserted: timing is the machine's business.
+    Each item carries a generation-0 checkpoint the size of a PF n=8 one (~700 B + problem)."""
     specs = items("big", 1000, problem={"question": "x" * 200})
+    initial = [b"s" * 900] * len(specs)
 
     async def main() -> float:
         async with RedisStateStore(redis_config(redis_server)) as store:
             started = time.perf_counter()
-            record = await store.create_batch("big", SETTINGS, specs)
+            record = await store.create_batch("big", SETTINGS, specs, initial)
             elapsed = time.perf_counter() - started
             assert record.size == 1000 and record.counts == ZERO
             unfinished = await store.list_unfinished()
@@ -401,6 +420,7 @@ def test_redis_creates_a_thousand_item_batch_in_pipelined_chunks(
         client.flushall()
         elapsed = asyncio.run(main())
         assert client.llen("lodestar:batch:{big}:items") == 1000
+        assert client.hget("lodestar:{big-500}:checkpoint", "g") == b"0"
     print(f"\ncreate_batch (1,000 items, loopback): {elapsed * 1e3:.0f} ms")
 
 
@@ -413,7 +433,7 @@ def test_redis_cancels_a_thousand_item_batch_and_every_cancelled_key_expires(
 
     async def main() -> float:
         async with RedisStateStore(redis_config(redis_server, finished_ttl_s=60)) as store:
-            await store.create_batch("huge", SETTINGS, specs)
+            await store.create_batch("huge", SETTINGS, specs, [b"initial"] * len(specs))
             for i in range(10):
                 await store.claim_job(f"huge-{i}", "orch-a", 30)
             assert await store.open_batch_items() == 1000
@@ -433,8 +453,8 @@ def test_redis_cancels_a_thousand_item_batch_and_every_cancelled_key_expires(
         elapsed = asyncio.run(main())
         flags = sorted(k.decode() for k in client.keys("lodestar:{huge-*}:cancel"))
         assert flags == sorted(f"lodestar:{{huge-{i}}}:cancel" for i in range(10))
-        for i in (10, 500, 999):  # a cancelled queued item: job and event log, both expiring
-            keys = [f"lodestar:{{huge-{i}}}:{k}" for k in ("job", "events")]
+        for i in (10, 500, 999):  # a cancelled queued item: job, generation 0 and event log
+            keys = [f"lodestar:{{huge-{i}}}:{k}" for k in ("job", "checkpoint", "events")]
             assert all(0 < client.pttl(k) <= 60_000 for k in keys), i
     print(f"\ncancel_batch (1,000 items, 990 queued, loopback): {elapsed * 1e3:.0f} ms")
 
@@ -463,7 +483,8 @@ def test_redis_create_batch_rolls_back_when_a_job_appears_under_it(
             store._create_batch = reserve_then_race  # type: ignore[method-assign]
             store._roll_back_batch = claim_then_roll_back  # type: ignore[method-assign]
             with pytest.raises(JobExists, match="race-700"):
-                await store.create_batch("race", SETTINGS, items("race", 1000))
+                initial = [b"initial"] * 1000  # rolled back with the jobs (keys checked below)
+                await store.create_batch("race", SETTINGS, items("race", 1000), initial)
             assert claimed_before_rollback == ["race-700"]  # 999 batch jobs existed, held
             assert await store.get_batch("race") is None
             assert [job.search_id for job in await store.list_unfinished()] == ["race-700"]

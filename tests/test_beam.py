@@ -186,9 +186,9 @@ def test_dvts_early_rejection_ranks_within_each_subtree():
     for seed in range(15):
         world = RaggedWorld()
         state = DVTS.init(f"task-{seed}", DiverseVerifierTreeSearchParams(n=16, m=4), seed)
-        state.common.early_rejection = EarlyRejection(tau=2, keep=0.25)
-        while not DVTS.is_done(state):
-            state = _advance(DVTS, state, world)
+        dvts = DiverseVerifierTreeSearch(EarlyRejection(tau=2, keep=0.25))
+        while not dvts.is_done(state):
+            state = _advance(dvts, state, world)
             assert not any(s.pruned for s in state.subtrees)
 
 

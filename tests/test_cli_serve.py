@@ -158,7 +158,7 @@ def test_joining_a_cluster_retries_a_refused_connection_and_a_local_ray_does_not
     proxier, hit at random by the Helm chart's end-to-end test, which then takes this path)."""
     import ray
 
-    from lodestar.services.app import connect_ray
+    from lodestar.services.runtime import connect_ray
 
     calls: list[str] = []
     refusals = {"n": 0}
@@ -204,7 +204,7 @@ def test_sigterm_under_load_exits_within_the_grace_and_another_server_finishes_t
     from lodestar.orchestrator.state_store import JobStatus, open_state_store
     from lodestar.v1 import search_pb2 as pb
     from lodestar.v1 import search_pb2_grpc as pb_grpc
-    from tests.runtime_parts import assert_same_results, comparable
+    from tests.runtime_parts import assert_same_results, comparable, stepped
     from tests.test_distributed import reference
 
     redis_server.restart()
@@ -258,7 +258,7 @@ def test_sigterm_under_load_exits_within_the_grace_and_another_server_finishes_t
             )
             deadline = time.monotonic() + 60
             for search_id in lone_ids:
-                while await store.load_checkpoint(search_id) is None:
+                while not await stepped(store, search_id):
                     assert time.monotonic() < deadline, log.read_text()
                     await asyncio.sleep(0.05)
             sent = time.monotonic()

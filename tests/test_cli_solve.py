@@ -37,3 +37,11 @@ def test_bad_parameters_are_reported_with_the_field_before_any_model_loads():
     assert "params.softmax_temperature" in out.output
     out = runner.invoke(app, ["solve", "1+1", "--algorithm", "nope"])
     assert out.exit_code == 2 and "unknown algorithm" in out.output
+
+
+@pytest.mark.slow
+def test_a_problem_the_served_models_refuse_is_a_bad_argument_naming_the_field():
+    """`solve` submits through the orchestrator, so the submit-time intake applies to it too."""
+    out = runner.invoke(app, ["solve", "what is the capital of France?"])
+    assert out.exit_code == 2, out.output
+    assert "problem" in out.output and "arithmetic only" in out.output

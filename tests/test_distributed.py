@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig, result_to_json
+from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.inprocess import LocalWorkers
-from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
 from lodestar.orchestrator.state_store import (
     JobSpec,
     JobStatus,
@@ -34,6 +33,8 @@ from tests.runtime_parts import (
     comparable,
     problem_specs,
     shipped_workers,
+    solve_alone,
+    stepped,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,15 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 def reference(specs: list[JobSpec], reward: str = "verifier") -> list[dict[str, Any]]:
     """Each search run alone, in process, on its own workers: the undisturbed result."""
-    engine = LocalEngine(*shipped_workers(reward), concurrency=1)
-    jobs = [SearchJob(s.algorithm, s.problem, s.params, s.seed, s.budget) for s in specs]
-    return [comparable(result_to_json(f.result)) for f in asyncio.run(engine.solve_all(jobs))]
+    return solve_alone(shipped_workers(reward), specs)
 
 
 async def wait_for_checkpoints(store: Any, specs: list[JobSpec], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     for s in specs:
-        while await store.load_checkpoint(s.search_id) is None:
+        while not await stepped(store, s.search_id):
             assert time.monotonic() < deadline, f"{s.search_id} made no progress"
             await asyncio.sleep(0.05)
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from lodestar.orchestrator.algorithms.astar import AStarDecoding, AStarParams
 from lodestar.orchestrator.algorithms.base import run_search
 from lodestar.orchestrator.algorithms.codec import algorithm_of
-from lodestar.orchestrator.algorithms.early_rejection import author_keep
+from lodestar.orchestrator.algorithms.early_rejection import INNER, author_keep, inner_algorithm
 from lodestar.orchestrator.algorithms.expansion import expand
 from lodestar.orchestrator.algorithms.registry import (
     ALGORITHMS,
@@ -79,9 +79,10 @@ def _both(world, common, parents, er, groups=None, budget=None):
     plain, rejecting = copy.deepcopy(common), copy.deepcopy(common)
     if budget is not None:
         plain.budget = rejecting.budget = budget
-    rejecting.early_rejection = er
     before = len(world.extend_batches)
-    ours = _run(expand(rejecting, world, world, parents, SAMPLING, 40, "last", groups))
+    ours = _run(
+        expand(rejecting, world, world, parents, SAMPLING, 40, "last", groups, early_rejection=er)
+    )
     calls = world.extend_batches[before:]
     world.head_rewards = dict(world.last_reward)  # the plain run below reuses the same ids
     theirs = _run(expand(plain, world, world, parents, SAMPLING, 40, "last"))
@@ -204,12 +205,13 @@ def test_the_prm_cap_covers_both_phases_before_anything_is_spent(seed):
     need = 8 + 5
     short = Budget(max_prm_passes=common.spend.prm_passes + need - 1)
     rejecting = copy.deepcopy(common)
-    rejecting.budget, rejecting.early_rejection = short, EarlyRejection(2, 0.5, rescore=True)
+    rejecting.budget, er = short, EarlyRejection(2, 0.5, rescore=True)
+    args = (world, world, parents, SAMPLING, 40, "last", groups)
     with pytest.raises(BudgetExhausted):
-        _run(expand(rejecting, world, world, parents, SAMPLING, 40, "last", groups))
+        _run(expand(rejecting, *args, early_rejection=er))
     assert rejecting.spend == common.spend and rejecting.next_id == common.next_id
     rejecting.budget = Budget(max_prm_passes=common.spend.prm_passes + need)
-    _run(expand(rejecting, world, world, parents, SAMPLING, 40, "last", groups))
+    _run(expand(rejecting, *args, early_rejection=er))
     assert rejecting.spend.prm_passes <= rejecting.budget.max_prm_passes
 
 
@@ -252,8 +254,7 @@ def _solve(inner: str, problem: str, seed: int, budget=None, world=None, **extra
 def _solve_inner(inner: str, problem: str, seed: int, rejection: EarlyRejection | None):
     world = ScriptedWorld()
     algorithm, state = start_search(inner, problem, {"n": 8}, seed)
-    algorithm.common(state).early_rejection = rejection
-    return _run(run_search(algorithm, state, world, world))
+    return _run(run_search(type(algorithm)(rejection), state, world, world))
 
 
 @pytest.mark.parametrize("inner", INNERS)
@@ -325,7 +326,23 @@ def test_resume_after_any_step_is_bit_identical(inner, seed, problem, stop):
     assert algorithm_for_checkpoint(data) is algorithm and algorithm_of(data) == "early_rejection"
     back = algorithm.loads(data)
     assert algorithm.dumps(back) == data
-    assert back.common.early_rejection == EarlyRejection(tau=2, keep=_author(inner))
+    assert inner_algorithm(back.params).early_rejection == EarlyRejection(2, _author(inner))
+    assert _run(run_search(algorithm, back, world, world)) == expected
+
+
+@pytest.mark.parametrize("inner", ["beam", "astar"])
+def test_a_checkpoint_with_the_setting_in_the_common_state_still_resumes(inner):
+    """Checkpoints written when `SearchCommon` carried `early_rejection` load (the field is
+    ignored: the wrapper's params rebuild the same setting) and resume to the same result."""
+    world = ScriptedWorld(p_err=0.3)
+    expected = _solve(inner, "task-7", 7, world=world)
+    algorithm, state = start_search("early_rejection", "task-7", _params(inner), 7)
+    state = _run(algorithm.advance(state, world, world))
+    doc = json.loads(algorithm.dumps(state))
+    old = {"tau": 2, "keep": _author(inner), "rescore": False}
+    doc["state"]["inner"]["state"]["common"]["early_rejection"] = old
+    back = algorithm.loads(json.dumps(doc).encode())
+    assert algorithm.dumps(back) == algorithm.dumps(state)
     assert _run(run_search(algorithm, back, world, world)) == expected
 
 
@@ -355,6 +372,7 @@ def test_the_checkpoint_nests_the_inner_checkpoint():
 
 
 def test_inner_params_are_validated_by_the_inner_algorithm_and_stored_complete():
+    assert list(INNER) == INNERS and all(name == a.name for name, a in INNER.items())
     params = parse_params("early_rejection", {"inner": "astar", "inner_params": {"k": 3}})
     assert params.inner_params == AStarParams(k=3).model_dump(mode="json")
     assert params.tau == 64 and params.keep is None and params.rescore is False
@@ -380,6 +398,13 @@ def test_inner_params_are_validated_by_the_inner_algorithm_and_stored_complete()
         with pytest.raises(ParamError) as e:
             parse_params("early_rejection", bad)
         assert e.value.field == field, (bad, e.value)
+    for bad, field in [  # as the gRPC message nests them
+        ({"inner": "astar", "inner_params": {"k": 0}}, "params.early_rejection.astar.k"),
+        ({"inner": "pf", "tau": 0}, "params.early_rejection.tau"),
+    ]:
+        with pytest.raises(ParamError) as e:
+            parse_params("early_rejection", bad, wire=True)
+        assert e.value.field == field, (bad, e.value)
 
 
 def test_inner_sampling_parameters_reach_the_policy():
@@ -388,4 +413,5 @@ def test_inner_sampling_parameters_reach_the_policy():
     algorithm, state = start_search("early_rejection", "task-3", params, 1)
     result = _run(run_search(algorithm, state, world, world))
     assert all(len(c.steps) <= 2 for c in result.candidates)
-    assert state.inner.params.temperature == 0.0 and state.common.early_rejection.tau == 64
+    assert state.inner.params.temperature == 0.0
+    assert inner_algorithm(state.params).early_rejection.tau == 64

@@ -4,7 +4,6 @@ runs (pure parts tested on hand-made rows beside the real run)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
@@ -17,8 +16,9 @@ from lodestar.evaluation.datasets import DatasetError, EvalProblem, from_jsonl, 
 from lodestar.evaluation.matrix import Matrix, Variant, expected_accuracy, search_seed
 from lodestar.evaluation.summary import findings, paired, summarise
 from lodestar.orchestrator.algorithms.registry import ParamError
-from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
+from lodestar.orchestrator.state_store import JobSpec
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
+from tests.runtime_parts import shipped_workers, solve_alone
 
 LODESTAR = str(Path(sys.executable).with_name("lodestar"))
 
@@ -156,14 +156,11 @@ def test_eval_runs_resumes_after_a_kill_and_matches_the_in_process_engine(tmp_pa
     # Same runtime as the service, same answers as the in-process engine with the same seeds.
     problems = generate_problems("test", 3, Difficulty(ops=2), 0)
     jobs = [
-        SearchJob("pf", p.expression, {"n": 4}, search_seed(seed, i))
+        JobSpec(f"direct-{seed}-{i}", "pf", {"n": 4}, p.expression, search_seed(seed, i))
         for seed in (0, 1)
         for i, p in enumerate(problems)
     ]
-    from lodestar.workers.factory import ModelConfig, build_policy, build_reward
-
-    engine = LocalEngine(build_policy(ModelConfig()), build_reward(ModelConfig()))
-    direct = [f.result.final_answer for f in asyncio.run(engine.solve_all(jobs))]
+    direct = [r["final_answer"] for r in solve_alone(shipped_workers(), jobs)]
     by_key = {r["key"]: r["final_answer"] for r in rows}
     evaluated = [by_key[f"pf|4|{s}|ops=2/{i}"] for s in (0, 1) for i in range(3)]
     assert evaluated == direct

@@ -10,17 +10,23 @@ from typing import Any
 
 import pytest
 
+from lodestar.orchestrator import driver
 from lodestar.orchestrator.algorithms.registry import ParamError
 from lodestar.orchestrator.driver import (
     Orchestrator,
     OrchestratorConfig,
     Overloaded,
-    result_to_json,
 )
 from lodestar.orchestrator.inprocess import LocalWorkers
-from lodestar.orchestrator.local_engine import LocalEngine, SearchJob
 from lodestar.orchestrator.state_store import JobSpec, JobStatus, MemoryStateStore, StateStore
-from tests.runtime_parts import Paced, comparable, problem_specs, shipped_workers
+from tests.runtime_parts import (
+    Paced,
+    comparable,
+    problem_specs,
+    shipped_workers,
+    solve_alone,
+)
+from tests.store_backends import Backend
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +36,7 @@ def models() -> tuple[Any, Any]:
 
 def reference(models: tuple[Any, Any], specs: list[JobSpec]) -> list[dict[str, Any]]:
     """Each search run alone in process, the same seeds."""
-    engine = LocalEngine(*models, concurrency=1)
-    jobs = [SearchJob(s.algorithm, s.problem, s.params, s.seed, s.budget) for s in specs]
-    done = asyncio.run(engine.solve_all(jobs))
-    return [comparable(result_to_json(f.result)) for f in done]
+    return solve_alone(models, specs)
 
 
 def run(
@@ -137,10 +140,83 @@ def test_a_queued_search_cancelled_before_its_turn_never_starts(models) -> None:
         await orch.submit(second)
         await orch.cancel(second.search_id)
         assert (await orch.wait(second.search_id)).status is JobStatus.CANCELLED
-        assert await store.load_checkpoint(second.search_id) is None
+        assert (await store.load_checkpoint(second.search_id)).generation == 0  # submit's only
         assert (await orch.wait(first.search_id)).status is JobStatus.SUCCEEDED
 
     run(body, lambda: LocalWorkers(Paced(models[0], 0.05), models[1]), max_live=1)
+
+
+def count_builds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The search ids whose initial state the driver builds from their spec, from now on."""
+    built: list[str] = []
+    real = driver._initial_checkpoint
+
+    def counted(spec: JobSpec) -> bytes:
+        built.append(spec.search_id)
+        return real(spec)
+
+    monkeypatch.setattr(driver, "_initial_checkpoint", counted)
+    return built
+
+
+def test_submit_stores_generation_0_and_the_search_starts_from_it_without_rebuilding(
+    models, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state `check` built is the job's first checkpoint, in the store before any step runs
+    (the second search waits queued behind the first); `_drive` loads it, never the spec."""
+    specs = problem_specs(2, "gen0", params={"n": 8})
+    built = count_builds(monkeypatch)
+
+    async def body(store: StateStore) -> tuple[list[Any], list[Any]]:
+        workers = LocalWorkers(Paced(models[0], 0.05), models[1])
+        orch = Orchestrator(store, workers, OrchestratorConfig(max_live=1))
+        await orch.start()
+        try:
+            for s in specs:
+                await orch.submit(s)
+            stored = [await store.load_checkpoint(s.search_id) for s in specs]
+            return stored, [await orch.wait(s.search_id) for s in specs]
+        finally:
+            await orch.close()
+
+    out: list[Any] = []
+    backend.run(lambda store: _keep(out, body(store)))
+    (queued_at, records), ids = out[0], [s.search_id for s in specs]
+    assert built == ids  # once each, at submit
+    assert queued_at[1].generation == 0  # queued: no step has run
+    assert queued_at[1].data == driver._initial_checkpoint(specs[1])
+    assert all(r.status is JobStatus.SUCCEEDED for r in records)
+    assert [comparable(r.result) for r in records] == reference(models, specs)
+
+
+def test_a_job_stored_without_a_checkpoint_by_older_code_still_runs(
+    models, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Jobs an older version left in a user's Redis have no generation 0: the driver builds it
+    from the spec (the fallback) and the search ends as it would have."""
+    (spec,) = problem_specs(1, "old-job")
+    built = count_builds(monkeypatch)
+
+    async def body(store: StateStore) -> Any:
+        await store.create_job(spec)  # what submit stored before generation 0 came with it
+        assert await store.load_checkpoint(spec.search_id) is None
+        config = OrchestratorConfig(lease_s=0.5, scan_interval_s=0.1)
+        orch = Orchestrator(store, LocalWorkers(*models), config)
+        await orch.start()  # claims it as an orphan; wait follows it through the store
+        try:
+            return await asyncio.wait_for(orch.wait(spec.search_id), 60)
+        finally:
+            await orch.close()
+
+    out: list[Any] = []
+    backend.run(lambda store: _keep(out, body(store)))
+    assert built == [spec.search_id]
+    assert out[0].status is JobStatus.SUCCEEDED
+    assert [comparable(out[0].result)] == reference(models, [spec])
+
+
+async def _keep(out: list[Any], body: Awaitable[Any]) -> None:
+    out.append(await body)
 
 
 def test_an_orphaned_search_resumes_from_its_checkpoint_with_the_same_result(models) -> None:

@@ -262,9 +262,9 @@ def test_absorbing_shrinks_the_pool_and_resamples_only_the_unfinished(algorithm)
 
 
 def _with_rejection(algorithm, params, problem, seed, keep=0.25):
-    state = algorithm.init(problem, params, seed)
-    state.common.early_rejection = EarlyRejection(tau=2, keep=keep)
-    return state
+    """(the algorithm with early rejection on, its initial state)."""
+    rejecting = type(algorithm)(EarlyRejection(tau=2, keep=keep))
+    return rejecting, rejecting.init(problem, params, seed)
 
 
 @pytest.mark.parametrize("algorithm", [PF, EPF])
@@ -273,7 +273,7 @@ def test_rejected_particles_are_never_absorbed_and_resampling_refills_their_slot
     for seed in range(6):
         world = ScriptedWorld(p_err=0.3)
         params = algorithm.Params(n=16, finished="absorbing")
-        state = _with_rejection(algorithm, params, f"task-{seed}", seed)
+        algorithm, state = _with_rejection(algorithm, params, f"task-{seed}", seed)
         while not algorithm.is_done(state):
             pool, absorbed, calls = list(state.particles), len(state.absorbed), world.extend_batches
             seen, rounds = len(calls), len(state.rounds)
@@ -299,8 +299,8 @@ def test_absorbing_with_early_rejection_is_as_accurate_as_resampling_finished(al
         world = ScriptedWorld(p_err=0.3)
         solved = 0
         for i, p in enumerate(names):
-            state = _with_rejection(algorithm, params, p, i)
-            solved += is_correct(p, asyncio.run(run_search(algorithm, state, world, world)).answer)
+            rejecting, state = _with_rejection(algorithm, params, p, i)
+            solved += is_correct(p, asyncio.run(run_search(rejecting, state, world, world)).answer)
         accuracy[finished] = solved / len(names)
     assert accuracy["absorbing"] >= accuracy["resample"] - 0.05 > 0.85, accuracy
 
@@ -332,11 +332,10 @@ def test_epf_with_early_rejection_anneals_no_more_often_than_without():
         for seed in range(30):
             world = ScriptedWorld(p_err=0.3)
             params = EntropicParticleFilterParams(n=16, max_steps=10)
-            state = EPF.init(f"task-{seed}", params, seed)
-            if keep is not None:
-                state.common.early_rejection = EarlyRejection(tau=2, keep=keep)
-            while not EPF.is_done(state):
-                state = _advance(EPF, state, world)
+            epf = EntropicParticleFilter(None if keep is None else EarlyRejection(tau=2, keep=keep))
+            state = epf.init(f"task-{seed}", params, seed)
+            while not epf.is_done(state):
+                state = _advance(epf, state, world)
             early += [r.tau > 1.0 for r in state.rounds if r.t / 10 < 0.5]
         annealed[keep] = np.mean(early)
     assert annealed[0.25] <= annealed[None] + 0.1, annealed

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lodestar.evaluation.prm_quality import auc, within_group_auc
 from lodestar.tasks.arithmetic import evaluate_steps, generate_problems, solution_steps
-from lodestar.training.evaluate_prm import auc, within_group_auc
 from lodestar.training.train_policy import TrainConfig, build_model, build_tokenizer
 from lodestar.training.train_prm import (
     SEPARATOR,

@@ -8,6 +8,7 @@ the recipe reads them. Cached, batched and forked scoring must match it within 1
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,14 @@ from lodestar.workers.messages import (
     ScoreRequest,
     StepScores,
 )
-from lodestar.workers.reward import DEFAULT_SYSTEM_PROMPT, PRMConfig, RewardWorker, load_prm
+from lodestar.workers.reward import (
+    DEFAULT_SYSTEM_PROMPT,
+    FAMILIES,
+    PRMConfig,
+    QwenPRM,
+    RewardWorker,
+    load_prm,
+)
 from tests.prm_factory import KINDS, QWEN_SEPARATOR, SHEPHERD_TAG, save_tiny_prm
 
 CHAT = {
@@ -339,6 +347,28 @@ def test_config_is_validated_once_at_the_edge():
     ):
         with pytest.raises(ValueError):
             PRMConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_family_is_one_registered_class_and_the_worker_has_no_branches(prm, monkeypatch):
+    """A new family needs only a `PRMFamily` subclass in `FAMILIES` (here qwen_prm's layout read
+    out the other way round); unknown names are refused with the registry's list."""
+    assert set(FAMILIES) == set(KINDS.values())  # every registered family has a tiny model here
+    with pytest.raises(ValueError, match=r"one of \('qwen_prm', 'math_shepherd', 'outcome'\)$"):
+        PRMConfig("nope")  # type: ignore[arg-type]
+
+    class Flipped(QwenPRM):
+        def rewards(self, inputs: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+            return 1 - super().rewards(inputs, rows, cols)
+
+    monkeypatch.setitem(FAMILIES, "flipped", Flipped)
+    qwen = prm("qwen_prm_llama")
+    flipped = RewardWorker(qwen.model, qwen.tokenizer, replace(qwen.config, family="flipped"))
+    rounds = [[req("a", None, STEPS[:2])], [req("b", "a", STEPS)]]
+    for requests in rounds:
+        (want,), (got,) = qwen.score(requests), flipped.score(requests)
+        assert got.tokens == want.tokens
+        assert got.rewards == pytest.approx([1 - r for r in want.rewards], abs=1e-6)
+    assert flipped.stats()["hits"] == 1
 
 
 def test_loading_errors_name_the_directory_and_the_fix(tmp_path, prm_dirs):

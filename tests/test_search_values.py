@@ -143,9 +143,11 @@ def test_early_rejection_keeps_the_top_n_over_m_and_rescores_only_when_asked(res
     assert author_keep(params) == 0.25
     world = ScriptedWorld(p_err=0.5, noise=0.3)
     common = SearchCommon(problem="task-5", seed=5)
-    common.early_rejection = EarlyRejection(2, author_keep(params), rescore=rescore)
+    er = EarlyRejection(2, author_keep(params), rescore=rescore)
     root = common.root()
-    children = asyncio.run(expand(common, world, world, [root] * 8, SamplingParams(), 40, "last"))
+    children = asyncio.run(
+        expand(common, world, world, [root] * 8, SamplingParams(), 40, "last", early_rejection=er)
+    )
     kept = [c for c in children if not c.pruned]
     assert len(kept) == 2 and common.spend.prm_passes == 8 + (2 if rescore else 0)
 

@@ -24,7 +24,7 @@ import torch
 
 from lodestar.orchestrator.algorithms.base import run_search
 from lodestar.orchestrator.algorithms.registry import start_search
-from lodestar.orchestrator.inprocess import LocalPolicy
+from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.workers import smollm2
 from lodestar.workers.loading import ModelLoadError
 from lodestar.workers.messages import (
@@ -152,11 +152,14 @@ def fresh(worker: PolicyWorker, cache_tokens: int = 32_768) -> PolicyWorker:
 class LengthReward:
     """Scripted stand-in for a PRM: a longer step scores higher, capped at 1."""
 
-    async def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
+    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         return [
             StepScores(r.seq_id, tuple(min(1.0, 0.1 + len(s) / 100) for s in r.steps), 0)
             for r in requests
         ]
+
+    def release_prefix(self, prefix: str) -> int:
+        return 0
 
 
 class StatsPerCall:
@@ -204,7 +207,8 @@ def test_two_particle_search_reuses_the_kv_cache(worker):
     algorithm, state = start_search(
         "pf", PROBLEM, {"n": 2, "max_steps": 2, "max_step_tokens": 4}, seed=0
     )
-    result = asyncio.run(run_search(algorithm, state, LocalPolicy(policy), LengthReward()))
+    scope = LocalWorkers(policy, LengthReward()).scope("s")  # the in-process runtime's path
+    result = asyncio.run(run_search(algorithm, state, scope, scope))
 
     assert result.spend.steps == 2 and result.spend.policy_calls == len(policy.after) >= 2
     assert result.spend.generated_tokens > 0 and result.spend.prompt_tokens > 0

@@ -116,6 +116,45 @@ def test_record_step_writes_checkpoint_and_event_together_and_reports_cancel(
     backend.run(body)
 
 
+def test_a_job_is_created_with_its_generation_0_checkpoint_and_steps_go_on_from_it(
+    backend: Backend,
+) -> None:
+    """What submit stores: the job and the initial state together; the first step is 1."""
+
+    async def body(store: StateStore) -> None:
+        await store.create_job(spec("g0"), b"initial")
+        assert await store.load_checkpoint("g0") == (0, b"initial")
+        with pytest.raises(StaleWriter, match="stored generation is 0"):
+            await store.record_step("g0", 2, b"skipped one", b"lost")
+        assert await store.record_step("g0", 1, b"s1", b"e1") is False
+        assert await store.load_checkpoint("g0") == (1, b"s1")
+        with pytest.raises(JobExists):
+            await store.create_job(spec("g0"), b"again")
+        assert await store.load_checkpoint("g0") == (1, b"s1")  # the refused create wrote nothing
+        with pytest.raises(TypeError):
+            await store.create_job(spec("g0-bad"), "not bytes")  # type: ignore[arg-type]
+        assert await store.get_job("g0-bad") is None
+        await store.create_job(spec("no-g0"))  # as older versions stored jobs
+        assert await store.load_checkpoint("no-g0") is None
+
+    backend.run(body)
+
+
+def test_a_queued_job_cancelled_before_its_first_step_takes_its_checkpoint_with_it(
+    backend: Backend,
+) -> None:
+    async def body(store: StateStore) -> None:
+        await store.create_job(spec("q"), b"initial")
+        await store.update_job("q", status=JobStatus.CANCELLED, error="cancelled")
+        with pytest.raises(StaleWriter, match="job is cancelled"):
+            await store.save_checkpoint("q", 1, b"zombie")
+        assert await store.load_checkpoint("q") == (0, b"initial")
+        await asyncio.sleep(0.6)
+        assert await store.load_checkpoint("q") is None
+
+    backend.run(body, finished_ttl_s=0.4)
+
+
 def test_checkpoint_of_a_finished_job_is_rejected(backend: Backend) -> None:
     async def body(store: StateStore) -> None:
         await store.save_checkpoint("done", 1, b"state")
@@ -380,6 +419,27 @@ def test_redis_keys_of_one_search_share_a_slot_and_all_get_the_ttl(
         assert len({key_slot(k.encode()) for k in keys}) == 1
         assert all(0 < client.pttl(k) <= 60_000 for k in keys)
         assert client.zrange("lodestar:jobs:unfinished", 0, -1) == []
+
+
+def test_redis_create_job_writes_generation_0_in_the_job_slot_without_a_stray_ttl(
+    redis_server: LocalRedis,
+) -> None:
+    """A leftover checkpoint key of an expiring search of the same id must not take the new
+    job's generation 0 down with its TTL."""
+    keys = SearchKeys.of("lodestar", "g0")
+
+    async def main() -> None:
+        async with RedisStateStore(redis_config(redis_server)) as store:
+            await store.create_job(spec("g0"), b"initial")
+            assert await store.load_checkpoint("g0") == (0, b"initial")
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+        client.hset(keys.checkpoint, mapping={"g": "7", "d": "stray"})
+        client.pexpire(keys.checkpoint, 60_000)
+        asyncio.run(main())
+        assert client.hgetall(keys.checkpoint) == {b"g": b"0", b"d": b"initial"}
+        assert client.pttl(keys.checkpoint) == -1
 
 
 def test_redis_index_drops_only_old_dangling_ids(redis_server: LocalRedis) -> None:

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lodestar.evaluation.policy_quality import evaluate_policy, pass_at_k
 from lodestar.tasks.arithmetic import format_problem, generate_problems
-from lodestar.training.evaluate_policy import evaluate_policy, pass_at_k
 from lodestar.training.train_policy import (
     TrainConfig,
     build_tokenizer,

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from lodestar.orchestrator.inprocess import LocalReward
+from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.tasks.arithmetic import generate_problems, solution_steps
 from lodestar.workers.messages import (
     ChatMessage,
@@ -116,7 +116,8 @@ def test_no_steps_gives_no_rewards() -> None:
 
 def test_it_serves_the_async_reward_protocol_in_process() -> None:
     reward = VerifierReward()
-    out = asyncio.run(LocalReward(reward).score([req(GOOD)]))
+    scope = LocalWorkers(policy=None, reward=reward).scope("s")  # type: ignore[arg-type]
+    out = asyncio.run(scope.score([req(GOOD)]))
     assert out[0].rewards == (1.0, 1.0, 1.0)
     assert reward.stats() == {"requests": 1, "steps": 3}
 

@@ -12,13 +12,13 @@ The device is chosen inside the actor: Ray sets CUDA_VISIBLE_DEVICES to the GPUs
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import ray
 import torch
 
+from lodestar.workers.contract import host_info
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import (
     ExtendRequest,
@@ -65,14 +65,8 @@ class ModelHost:
     def info(self) -> dict[str, Any]:
         """Where this actor runs and what it has done: for placement checks and monitoring. Runs
         on its own thread (the CONTROL group), so it answers while a model call is running."""
-        stats = {role: getattr(self, role).stats() for role in self.roles}
-        device = str(self.policy.device) if self.policy is not None else "cpu"
-        return {
-            "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
-            "device": device,
-            "torch_threads": torch.get_num_threads(),
-            "roles": list(self.roles),
-            "stats": stats,
+        node, gpus = ray.get_runtime_context().get_node_id(), ray.get_gpu_ids()
+        return host_info(self.policy, self.reward) | {
+            "node_id": node,
+            "gpu_ids": list(map(str, gpus)),
         }

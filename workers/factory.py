@@ -1,14 +1,17 @@
-"""Build the workers a deployment asks for: one place shared by `lodestar solve`, the Ray actors
-and the benchmarks, so every entry point loads models the same way."""
+"""Build the engines a deployment asks for: one place shared by the Ray actors and the in-process
+runtime, so every entry point loads models the same way. `ModelConfig.engine` names the
+implementation of the worker contract (`workers.contract`); "hf" (transformers) is the one today."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from lodestar.models import POLICY, PRM, shipped_model_dir
+from lodestar.workers.contract import PolicyEngine, RewardEngine
 from lodestar.workers.intake import ProblemIntake, ProblemLimits, context_of
 
 PRM_CONFIG_FILE = "lodestar_prm.json"
@@ -26,13 +29,31 @@ class ModelConfig:
     device: str | None = None
     dtype: str | None = None
     cache_tokens: int = 32_768
+    engine: str = "hf"
+    """Which implementation serves the models (one of `ENGINES`)."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
 
 
 def policy_dir(config: ModelConfig) -> Path:
     return Path(config.policy) if config.policy is not None else shipped_model_dir(POLICY)
 
 
-def build_policy(config: ModelConfig) -> Any:
+def build_policy(config: ModelConfig) -> PolicyEngine:
+    return ENGINES[config.engine][0](config)
+
+
+def build_reward(config: ModelConfig) -> RewardEngine:
+    if str(config.reward) == "verifier":  # exact step checks: no model, the same on any engine
+        from lodestar.workers.verifier import VerifierReward
+
+        return VerifierReward()
+    return ENGINES[config.engine][1](config)
+
+
+def hf_policy(config: ModelConfig) -> PolicyEngine:
     from lodestar.workers.policy import PolicyWorker
 
     path = policy_dir(config)
@@ -70,11 +91,7 @@ def prm_settings(path: Path, family: str | None) -> dict[str, Any]:
     return settings
 
 
-def build_reward(config: ModelConfig) -> Any:
-    if str(config.reward) == "verifier":
-        from lodestar.workers.verifier import VerifierReward
-
-        return VerifierReward()
+def hf_reward(config: ModelConfig) -> RewardEngine:
     from lodestar.workers.reward import PRMConfig, RewardWorker
 
     path = shipped_model_dir(PRM) if str(config.reward) == "prm" else Path(config.reward)
@@ -86,3 +103,8 @@ def build_reward(config: ModelConfig) -> Any:
         if key in settings:
             settings[key] = tuple(settings[key])
     return RewardWorker.from_pretrained(path, PRMConfig(**settings))
+
+
+Builders = tuple[Callable[[ModelConfig], PolicyEngine], Callable[[ModelConfig], RewardEngine]]
+ENGINES: dict[str, Builders] = {"hf": (hf_policy, hf_reward)}
+"""Engine name -> (policy builder, PRM builder)."""

@@ -1,30 +1,9 @@
 """The reward worker: process-reward scores for every step of many partial solutions at once.
 
 Three PRM families (ALGORITHMS.md, "PRM families"); each turns a request into one text with one
-*scoring token* per step, and reads the step's reward off the model's output at that token:
-
-    qwen_prm       [chat: system + user = problem + assistant turn opened] or [problem + "\\n"],
-                   then  step_1.rstrip() <extra_0> step_2.rstrip() <extra_0> ...
-                   reward = softmax(2-label head)[positive_label] at each <extra_0>
-    math_shepherd  problem + " " + step_1.rstrip() + " ки" + step_1's trailing whitespace + ...
-                   reward = softmax(logits of "+", "-")[0] at each "ки" (the position whose
-                   next-token prediction is the label)
-    outcome        [chat or plain head as for qwen_prm] + step_1 + step_2 + ... (verbatim)
-                   reward of step i = the classifier's score of the answer through step i,
-                   read at step i's last token: sigmoid (1 label) or softmax[positive_label]
-
-Why trailing whitespace is stripped before a separator: the Qwen PRM recipe splits a solution on
-"\\n\\n" and joins the stripped steps with <extra_0>, so the model never saw whitespace before a
-separator; Math-Shepherd's training data is "Step 1: ... ки\\nStep 2: ... ки", so the tag goes
-right after the text and the step's own newlines follow it.
-
-Why the outcome family scores every prefix: a causal classifier pools the last token, so the
-hidden state at step i's last token *is* the classifier's view of the answer so far (exactly what
-`model(prefix_i).logits` gives; the end-of-turn marker a chat template would append is left out,
-as for the other families). One forward gives all prefixes' scores, they extend incrementally like
-a PRM's, and the newest step's reward is the whole partial answer's score (`last` aggregation
-works as an ORM should; `min`/`prod` become meaningful too). Caveat: an ORM trained to be read
-at an end-of-turn token sees unfinished answers without one; their scores are its extrapolation.
+*scoring token* per step, and reads the step's reward off the model's output at that token. What
+differs between them (layout, model head, reward read-out) is one `PRMFamily` subclass each, with
+its recipe in its docstring, registered in `FAMILIES`; `RewardWorker` is the shared rest.
 
 Separator text inside the problem or a step is removed before rendering (it is the PRM's "score
 here" marker); text that still tokenizes to the separator token is refused with a ValueError that
@@ -47,9 +26,10 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
+from torch import Tensor
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -63,19 +43,8 @@ from lodestar.workers.kv_cache import CachedSequence, KVCacheStore
 from lodestar.workers.loading import DTYPES, load_model
 from lodestar.workers.messages import ErrorKind, Prompt, RequestFailed, ScoreRequest, StepScores
 
-PRMFamily = Literal["qwen_prm", "math_shepherd", "outcome"]
-FAMILIES: tuple[PRMFamily, ...] = ("qwen_prm", "math_shepherd", "outcome")
+FamilyName = Literal["qwen_prm", "math_shepherd", "outcome"]
 DEFAULT_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_SEPARATORS: dict[PRMFamily, str | None] = {
-    "qwen_prm": "<extra_0>",
-    "math_shepherd": " ки",
-    "outcome": None,
-}
-_AUTO_CLASSES = {
-    "qwen_prm": AutoModelForTokenClassification,
-    "math_shepherd": AutoModelForCausalLM,
-    "outcome": AutoModelForSequenceClassification,
-}
 _STEPS_PLACEHOLDER = "\ue000LODESTAR-STEPS\ue000"
 """Assistant content rendered through the chat template, then cut: what precedes it is the head."""
 
@@ -92,7 +61,7 @@ class PRMConfig:
     "good" in a 2-label head (qwen_prm, 2-label outcome).
     """
 
-    family: PRMFamily
+    family: FamilyName
     separator: str | None = None
     label_tokens: tuple[str, str] = ("+", "-")
     system_prompt: str | None = DEFAULT_SYSTEM_PROMPT
@@ -108,12 +77,15 @@ class PRMConfig:
     """Run a directory's own modeling code (`auto_map`), as Qwen2.5-Math-PRM-7B needs."""
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown PRM family {self.family!r}; expected one of {FAMILIES}")
+        family = FAMILIES.get(self.family) if isinstance(self.family, str) else None
+        if family is None:
+            raise ValueError(
+                f"unknown PRM family {self.family!r}; expected one of {tuple(FAMILIES)}"
+            )
         if self.separator is None:
-            object.__setattr__(self, "separator", DEFAULT_SEPARATORS[self.family])
-        elif self.family == "outcome":
-            raise ValueError("the outcome family scores prefixes and takes no separator")
+            object.__setattr__(self, "separator", family.default_separator)
+        elif family.default_separator is None:
+            raise ValueError(f"the {self.family} family scores prefixes and takes no separator")
         if self.separator is not None and not self.separator.strip():
             raise ValueError(f"separator {self.separator!r} is blank")
         if self.positive_label not in (0, 1):
@@ -124,6 +96,142 @@ class PRMConfig:
             raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(DTYPES)}")
 
 
+# -- the families ----------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class PRMFamily:
+    """One PRM family's side of the reward contract: the step layout around each scoring token
+    (`default_separator`, `chat`, plain-path `joiner`, `piece`) and how the model's outputs there
+    become rewards in [0, 1] (`rewards`); the rest is the worker's, shared by all families."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    config: PRMConfig
+    auto_class: ClassVar[type]
+    """The transformers Auto class `load_prm` loads a checkpoint of this family with."""
+    default_separator: ClassVar[str | None] = None
+    """None: each step's own last token is scored, and `PRMConfig` refuses a separator."""
+    chat: ClassVar[bool] = True
+    joiner: ClassVar[str] = "\n"
+
+    def __post_init__(self) -> None:
+        """Refuse a model or tokenizer the family cannot score with."""
+
+    def piece(self, step: str) -> tuple[str, int]:
+        """A cleaned step's text in the input and the offset in it just past its scoring text:
+        the step without trailing whitespace, then the separator."""
+        sep = self.config.separator or ""
+        body = step.rstrip()
+        return body + sep, len(body) + len(sep)
+
+    def rewards(self, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+        """One forward of `inputs` (the packed batch on its parents' cache); the fp32 reward [n]
+        at each scoring token (rows[k], cols[k]) of `input_ids`."""
+        raise NotImplementedError
+
+    def _hidden(self, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+        """The backbone's last hidden states at the scoring tokens only, [n, hidden]: an LM head
+        over every position would be [B, F, vocab], and a sequence classifier pools one token."""
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        return backbone(**inputs).last_hidden_state[rows, cols]
+
+
+class QwenPRM(PRMFamily):
+    """Qwen2.5-Math-PRM: [chat: system + user = problem + assistant turn opened] or [problem +
+    "\\n"], then step_1.rstrip() <extra_0> step_2.rstrip() <extra_0> ...; reward =
+    softmax(2-label token head)[positive_label] at each <extra_0>. Whitespace is stripped as the
+    recipe does (split on "\\n\\n", join with <extra_0>): it never saw any before a separator."""
+
+    auto_class = AutoModelForTokenClassification
+    default_separator = "<extra_0>"
+
+    def __post_init__(self) -> None:
+        sep = self.config.separator
+        if len(self.tokenizer(sep or "", add_special_tokens=False)["input_ids"]) != 1:
+            raise ValueError(f"separator {sep!r} is not one token of this tokenizer")
+
+    def rewards(self, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+        out = self.model(**inputs)
+        logits = out.logits if hasattr(out, "logits") else out[0]  # [B, F, 2]
+        if logits.shape[-1] != 2:
+            raise ValueError(f"qwen_prm head gives {logits.shape[-1]} labels per token, not 2")
+        picked = logits[rows, cols].float()  # [n, 2]
+        return picked.softmax(-1)[:, self.config.positive_label]  # [n]
+
+
+class MathShepherd(PRMFamily):
+    """Math-Shepherd, plain text only: problem + " " + step_1.rstrip() + " ки" + step_1's trailing
+    whitespace + ...; reward = softmax(logits of "+", "-")[0] at each "ки" (the position whose
+    next-token prediction is the label). Its training data is "Step 1: ... ки\\nStep 2: ... ки":
+    the tag goes right after the text and the step's own newlines follow it."""
+
+    auto_class = AutoModelForCausalLM
+    default_separator = " ки"
+    chat = False
+    joiner = " "
+
+    def __post_init__(self) -> None:
+        labels = [_last_token(self.tokenizer, t) for t in self.config.label_tokens]  # good, bad
+        self.label_ids = torch.tensor(labels, dtype=torch.long, device=self.model.device)
+        if self.model.get_output_embeddings() is None:
+            raise ValueError("math_shepherd needs a causal LM with an output embedding (LM head)")
+
+    def piece(self, step: str) -> tuple[str, int]:
+        piece, end = super().piece(step)
+        return piece + step[len(step.rstrip()) :], end
+
+    def rewards(self, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+        logits = self.model.get_output_embeddings()(self._hidden(inputs, rows, cols))  # [n, vocab]
+        good_bad = logits[:, self.label_ids].float()  # [n, 2]
+        return good_bad.softmax(-1)[:, 0]  # [n]
+
+
+class Outcome(PRMFamily):
+    """An outcome RM (sequence classifier) read as a PRM: [chat or plain head as for qwen_prm] +
+    step_1 + step_2 + ... (verbatim); reward of step i = the classifier's score of the answer
+    through step i, read at step i's last token: sigmoid (1 label) or softmax[positive_label].
+
+    Why every prefix: a causal classifier pools the last token, so the hidden state at step i's
+    last token *is* its view of the answer so far (`model(prefix_i).logits`, with no end-of-turn
+    marker, as for the other families). One forward scores all prefixes, they extend like a PRM's,
+    and the newest step's reward is the partial answer's score (`last` aggregation works as an ORM
+    should; `min`/`prod` become meaningful too). Caveat: an ORM trained to be read at an
+    end-of-turn token sees unfinished answers without one; their scores are its extrapolation."""
+
+    auto_class = AutoModelForSequenceClassification
+
+    def __post_init__(self) -> None:
+        self.num_labels = self.model.config.num_labels
+        if not isinstance(getattr(self.model, "score", None), torch.nn.Module):
+            raise ValueError("outcome needs a *ForSequenceClassification model (a `score` head)")
+        if self.num_labels not in (1, 2):
+            raise ValueError(f"outcome classifier has {self.num_labels} labels; need 1 or 2")
+
+    def piece(self, step: str) -> tuple[str, int]:
+        return step, len(step)
+
+    def rewards(self, inputs: dict[str, Any], rows: Tensor, cols: Tensor) -> Tensor:
+        logits = self.model.score(self._hidden(inputs, rows, cols)).float()  # [n, num_labels]
+        if self.num_labels == 1:
+            return logits[:, 0].sigmoid()  # [n]
+        return logits.softmax(-1)[:, self.config.positive_label]  # [n]
+
+
+FAMILIES: dict[str, type[PRMFamily]] = {
+    "qwen_prm": QwenPRM,
+    "math_shepherd": MathShepherd,
+    "outcome": Outcome,
+}
+
+
+def _last_token(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{text!r} encodes to no tokens")
+    return ids[-1]
+
+
 def load_prm(
     path: str | Path, config: PRMConfig
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
@@ -131,7 +239,7 @@ def load_prm(
     `loading.load_model` refuses a checkpoint that lacks the family's head weights."""
     return load_model(
         path,
-        _AUTO_CLASSES[config.family],
+        FAMILIES[config.family].auto_class,
         device=config.device,
         dtype=config.dtype,
         trust_remote_code=config.trust_remote_code,
@@ -182,38 +290,17 @@ class RewardWorker:
         if not tokenizer.is_fast:
             raise ValueError("the PRM tokenizer must be a fast tokenizer (offsets locate steps)")
         check_full_attention(model.config)
-        self.chat = (
-            config.family != "math_shepherd"
-            and config.use_chat_template
-            and tokenizer.chat_template is not None
-        )
+        family = FAMILIES[config.family]
+        self.chat = family.chat and config.use_chat_template and tokenizer.chat_template is not None
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (tokenizer.eos_token_id or 0)
         self.context_tokens: int | None = getattr(model.config, "max_position_embeddings", None)
         sep = config.separator
         # The scoring token of a separator is the token its last character lands in, e.g. "ки"
         # for Math-Shepherd's " ки" (a word token after a space in its vocab, as in "x ки").
-        self.separator_id = None if sep is None else self._last_token("x" + sep)
+        self.separator_id = None if sep is None else _last_token(tokenizer, "x" + sep)
         self.marker = None if sep is None else sep.strip()
-        if config.family == "qwen_prm" and len(self._encode(sep or "")) != 1:
-            raise ValueError(f"separator {sep!r} is not one token of this tokenizer")
-        self.label_ids = torch.tensor(  # math_shepherd's (good, bad) label token ids
-            [self._last_token(t) for t in config.label_tokens]
-            if config.family == "math_shepherd"
-            else [],
-            dtype=torch.long,
-            device=self.device,
-        )
-        self.num_labels = model.config.num_labels
-        if config.family == "math_shepherd" and model.get_output_embeddings() is None:
-            raise ValueError("math_shepherd needs a causal LM with an output embedding (LM head)")
-        if config.family == "outcome":
-            if not isinstance(getattr(model, "score", None), torch.nn.Module):
-                raise ValueError(
-                    "outcome needs a *ForSequenceClassification model (a `score` head)"
-                )
-            if self.num_labels not in (1, 2):
-                raise ValueError(f"outcome classifier has {self.num_labels} labels; need 1 or 2")
+        self.family = family(model, tokenizer, config)
         self._heads: dict[Prompt, str] = {}
         self.calls = self.requests = self.forward_passes = self.encoded_tokens = 0
 
@@ -230,17 +317,9 @@ class RewardWorker:
         "score here", and a stray one would put an unlabelled scoring point inside a step.
         """
         head = self._head(prompt)
-        sep = self.config.separator or ""
         pieces, ends, n = [head], [], len(head)
         for raw in steps:
-            step = self._clean(raw)
-            if self.config.family == "outcome":
-                piece, end = step, len(step)
-            else:
-                body = step.rstrip()
-                piece, end = body + sep, len(body) + len(sep)
-                if self.config.family == "math_shepherd":
-                    piece += step[len(body) :]  # the step's own newlines follow its tag
+            piece, end = self.family.piece(self._clean(raw))
             ends.append(n + end)
             pieces.append(piece)
             n += len(piece)
@@ -253,7 +332,7 @@ class RewardWorker:
             return self._heads[prompt]
         if not self.chat:
             text = prompt if isinstance(prompt, str) else "\n".join(m.content for m in prompt)
-            head = self._clean(text) + (" " if self.config.family == "math_shepherd" else "\n")
+            head = self._clean(text) + self.family.joiner
         else:
             if isinstance(prompt, str):
                 messages = [{"role": "user", "content": self._clean(prompt)}]
@@ -279,15 +358,6 @@ class RewardWorker:
         while self.marker and self.marker in text:
             text = text.replace(self.marker, "")
         return text
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _last_token(self, text: str) -> int:
-        ids = self._encode(text)
-        if not ids:
-            raise ValueError(f"{text!r} encodes to no tokens")
-        return ids[-1]
 
     def _plan(self, requests: Sequence[ScoreRequest]) -> list[_Plan | RequestFailed]:
         """Tokenize every request in one call, locate its scoring tokens, look up its parent; a
@@ -418,33 +488,7 @@ class RewardWorker:
             past_key_values=cache,
             use_cache=True,
         )
-        family = self.config.family
-        if family == "qwen_prm":
-            out = self.model(**inputs)
-            logits = out.logits if hasattr(out, "logits") else out[0]  # [B, F, 2]
-            if logits.shape[-1] != 2:
-                raise ValueError(f"qwen_prm head gives {logits.shape[-1]} labels per token, not 2")
-            picked = logits[rows_t, cols_t].float()  # [n, 2]
-            rewards = picked.softmax(-1)[:, self.config.positive_label]  # [n]
-        else:
-            # Heads run on the scoring tokens' hidden states only: an LM head over every
-            # position would be [B, F, vocab], and a sequence classifier pools one token.
-            backbone = getattr(self.model, self.model.base_model_prefix)
-            hidden = backbone(**inputs).last_hidden_state  # [B, F, hidden]
-            picked = hidden[rows_t, cols_t]  # [n, hidden]
-            if family == "math_shepherd":
-                logits = self.model.get_output_embeddings()(picked)  # [n, vocab]
-                good_bad = logits[:, self.label_ids].float()  # [n, 2]
-                rewards = good_bad.softmax(-1)[:, 0]  # [n]
-            else:
-                logits = self.model.score(picked).float()  # [n, num_labels]
-                rewards = (
-                    logits[:, 0].sigmoid()
-                    if self.num_labels == 1
-                    else logits.softmax(-1)[:, self.config.positive_label]
-                )  # [n]
-
-        new = iter(rewards.tolist())
+        new = iter(self.family.rewards(inputs, rows_t, cols_t).tolist())
         for i, p in enumerate(plans):
             for pos in _new_positions(p):
                 p.rewards.append(next(new) if pos is not None else p.rewards[-1])

@@ -32,21 +32,17 @@ from typing import Literal
 
 from pydantic import Field
 
-from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, Selection
-from lodestar.orchestrator.algorithms.expansion import (
-    candidate,
-    choose,
-    expand,
-    survivor_bound,
-)
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.base import ScoredParams, Selection, StepSearch
+from lodestar.orchestrator.algorithms.expansion import candidate, choose, survivor_bound
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     BudgetExhausted,
+    EarlyRejection,
     SearchCommon,
     SearchResult,
     Trajectory,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt
 
 StepCost = Literal["zero", "depth", "regret"]
@@ -137,11 +133,13 @@ def step_cost(how: StepCost, weight: float, reward: float) -> float:
     return weight * (1.0 - reward)
 
 
-def affordable(common: SearchCommon, params: AStarParams, b: int, k: int) -> tuple[int, int]:
+def affordable(
+    common: SearchCommon, params: AStarParams, b: int, k: int, er: EarlyRejection | None = None
+) -> tuple[int, int]:
     """The largest expansion (B' <= b nodes, k' <= k successors each, B' shrunk first) that both
     budgets can pay for, counting early rejection's second PRM pass exactly as `expand` does.
     Raises BudgetExhausted when not even one successor fits."""
-    budget, spend, er = common.budget, common.spend, common.early_rejection
+    budget, spend = common.budget, common.spend
     tokens, passes = budget.max_generated_tokens, budget.max_prm_passes
 
     def fits(b: int, k: int) -> bool:
@@ -166,7 +164,7 @@ def affordable(common: SearchCommon, params: AStarParams, b: int, k: int) -> tup
     return b, k
 
 
-class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
+class AStarDecoding(StepSearch[AStarParams, AStarState]):
     """A*-decoding: one advance pops the B best states and expands them in one batched expand."""
 
     name = "astar"
@@ -189,14 +187,12 @@ class AStarDecoding(SearchAlgorithm[AStarParams, AStarState]):
             return
         free = max(1, p.n - len(state.solutions))
         b = min(p.batch_width or free, len(state.open))
-        b, k = affordable(common, p, b, p.k)
+        b, k = affordable(common, p, b, p.k, self.early_rejection)
         popped = [heapq.heappop(state.open) for _ in range(b)]
         parents = [e.node for e in popped for _ in range(k)]
         groups = [i for i in range(b) for _ in range(k)]  # early rejection ranks within a node
         try:
-            children = await expand(
-                common, policy, reward, parents, p.sampling(), p.max_steps, p.aggregation, groups
-            )
+            children = await self._expand(state, policy, reward, parents, groups)
         except BudgetExhausted:
             for e in popped:  # nothing was spent: the popped states stay open
                 heapq.heappush(state.open, e)

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lodestar.orchestrator.algorithms.codec import decode_state, encode_state
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.expansion import expand
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     BudgetExhausted,
+    EarlyRejection,
     SearchCommon,
     SearchResult,
+    Trajectory,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt, SamplingParams
 
 Aggregation = Literal["last", "min", "prod", "model"]
@@ -109,6 +113,28 @@ class SearchAlgorithm(ABC, Generic[P, S]):
         if seed < 0:
             raise ValueError("seed must be >= 0")
         return SearchCommon(problem=problem, seed=seed, budget=budget or Budget())
+
+
+class StepSearch(SearchAlgorithm[P, S]):
+    """A search that grows every step through `_expand`, with `early_rejection` (None: off); the
+    `early_rejection` wrapper builds it from its own params, so its checkpoint resumes alone."""
+
+    def __init__(self, early_rejection: EarlyRejection | None = None) -> None:
+        self.early_rejection = early_rejection
+
+    async def _expand(
+        self,
+        state: Any,
+        policy: Policy,
+        reward: Reward,
+        parents: Sequence[Trajectory],
+        groups: Sequence[int] | None = None,
+        to_end: bool = False,
+    ) -> list[Trajectory]:
+        """`expansion.expand` with the state's sampling, step cap and aggregation."""
+        p = state.params
+        how = (p.sampling(), p.max_steps, p.aggregation, groups, to_end, self.early_rejection)
+        return await expand(state.common, policy, reward, parents, *how)
 
 
 async def run_search(

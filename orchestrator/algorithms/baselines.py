@@ -36,7 +36,6 @@ from lodestar.orchestrator.algorithms.answers import (
 )
 from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, SearchParams
 from lodestar.orchestrator.algorithms.expansion import candidate, grow, score, vote_answer
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     BudgetExhausted,
@@ -45,6 +44,7 @@ from lodestar.orchestrator.algorithms.state import (
     SearchResult,
     Trajectory,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt, SamplingParams
 
 

@@ -42,15 +42,15 @@ from dataclasses import dataclass, field
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from lodestar.orchestrator.algorithms.base import ScoredParams, SearchAlgorithm, Selection
-from lodestar.orchestrator.algorithms.expansion import candidate, choose, expand
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.base import ScoredParams, Selection, StepSearch
+from lodestar.orchestrator.algorithms.expansion import candidate, choose
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     SearchCommon,
     SearchResult,
     Trajectory,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt
 
 
@@ -166,7 +166,7 @@ def _stop_reason(trajectories: Sequence[Trajectory]) -> str:
     return "budget" if any(t.stop == "budget" for t in trajectories) else "finished"
 
 
-class BeamSearch(SearchAlgorithm[BeamSearchParams, BeamSearchState]):
+class BeamSearch(StepSearch[BeamSearchParams, BeamSearchState]):
     """Beam search: one advance is round 0 or one keep-top-N/M-and-expand-M-ways round."""
 
     name = "beam"
@@ -188,16 +188,7 @@ class BeamSearch(SearchAlgorithm[BeamSearchParams, BeamSearchState]):
             kept = [pool[i] for i in top_k(pool, p.n // p.m)]
             parents = [kept[i * len(kept) // p.n] for i in range(p.n)]  # copies together: a fork
             record = BeamRound([b.seq_id for b in kept], [b.score or 0.0 for b in kept])
-        children = await expand(
-            state.common,
-            policy,
-            reward,
-            parents,
-            p.sampling(),
-            p.max_steps,
-            p.aggregation,
-            to_end=last_round(p, parents),
-        )
+        children = await self._expand(state, policy, reward, parents, to_end=last_round(p, parents))
         state.started = True
         if record is not None:
             state.rounds.append(record)
@@ -217,7 +208,7 @@ class BeamSearch(SearchAlgorithm[BeamSearchParams, BeamSearchState]):
 
 
 class DiverseVerifierTreeSearch(
-    SearchAlgorithm[DiverseVerifierTreeSearchParams, DiverseVerifierTreeSearchState]
+    StepSearch[DiverseVerifierTreeSearchParams, DiverseVerifierTreeSearchState]
 ):
     """DVTS: one advance expands every live subtree m ways and keeps each one's best child."""
 
@@ -244,16 +235,8 @@ class DiverseVerifierTreeSearch(
         live = [i for i, s in enumerate(state.subtrees) if not s.finished]
         parents = [state.subtrees[i] for i in live for _ in range(p.m)]
         groups = [i for i in live for _ in range(p.m)]
-        children = await expand(
-            state.common,
-            policy,
-            reward,
-            parents,
-            p.sampling(),
-            p.max_steps,
-            p.aggregation,
-            groups,
-            to_end=last_round(p, parents),
+        children = await self._expand(
+            state, policy, reward, parents, groups, last_round(p, parents)
         )
         kept: list[str | None] = [None] * len(state.subtrees)
         for j, i in enumerate(live):

@@ -7,9 +7,9 @@ generated to the end (not rescored unless `rescore`, as in the author code), and
 back with stop "rejected" and are never chosen. A rejected candidate is dead, not a result:
 PF and ePF give it weight zero, leave it out of ESS and entropy and refill its slot at the next
 resampling (it is never absorbed); A* does not count it as a repeat (it never reopens a state);
-beam and DVTS never keep it. The mechanism lives in `expansion.expand` (it reads
-`common.early_rejection`); this wrapper only switches it on for an inner search and otherwise
-delegates to it, so the inner algorithm runs unchanged.
+beam and DVTS never keep it. The mechanism lives in `expansion.expand` (its `early_rejection`
+argument); this wrapper only builds the inner search with it switched on and otherwise delegates
+to it, so the inner algorithm runs unchanged.
 """
 
 from __future__ import annotations
@@ -20,25 +20,28 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from lodestar.orchestrator.algorithms.base import SearchAlgorithm, SearchParams
+from lodestar.orchestrator.algorithms.astar import AStarDecoding
+from lodestar.orchestrator.algorithms.base import SearchAlgorithm, SearchParams, StepSearch
+from lodestar.orchestrator.algorithms.beam import BeamSearch, DiverseVerifierTreeSearch
 from lodestar.orchestrator.algorithms.codec import FORMAT_VERSION
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.particle_filter import EntropicParticleFilter, ParticleFilter
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     EarlyRejection,
     SearchCommon,
     SearchResult,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt
 
 Inner = Literal["beam", "dvts", "pf", "epf", "astar"]
-
-
-def inner_algorithm(name: str) -> SearchAlgorithm[Any, Any]:
-    """The registered inner algorithm (imported late: the registry imports this module)."""
-    from lodestar.orchestrator.algorithms.registry import ALGORITHMS
-
-    return ALGORITHMS[name]
+INNER: dict[str, type[StepSearch[Any, Any]]] = {
+    "beam": BeamSearch,
+    "dvts": DiverseVerifierTreeSearch,
+    "pf": ParticleFilter,
+    "epf": EntropicParticleFilter,
+    "astar": AStarDecoding,
+}
 
 
 class EarlyRejectionParams(SearchParams):
@@ -65,7 +68,7 @@ class EarlyRejectionParams(SearchParams):
         if "inner" not in info.data:  # `inner` itself is invalid; that error is reported
             return value
         # A ValidationError raised here keeps its locations, nested under `inner_params`.
-        typed = inner_algorithm(info.data["inner"]).Params.model_validate(value)
+        typed = INNER[info.data["inner"]].Params.model_validate(value)
         return typed.model_dump(mode="json")
 
     @field_validator("temperature", "top_p", "max_steps", "max_step_tokens", "step_delimiter")
@@ -85,11 +88,17 @@ def author_keep(params: EarlyRejectionParams) -> float:
     return 1.0 / width if width else 0.5
 
 
+def inner_algorithm(params: EarlyRejectionParams) -> StepSearch[Any, Any]:
+    """The inner search with early rejection on as `params` set it: rebuilt from them at every
+    call, so the wrapper's checkpoint (which holds them) resumes the same configured search."""
+    return INNER[params.inner](EarlyRejection(params.tau, author_keep(params), params.rescore))
+
+
 @dataclass(slots=True)
 class EarlyRejectionState:
     params: EarlyRejectionParams
     inner: Any
-    """The inner algorithm's own state; its `common` carries the EarlyRejection setting."""
+    """The inner algorithm's own state."""
 
     @property
     def common(self) -> SearchCommon:
@@ -106,34 +115,31 @@ class EarlyRejectionSearch(SearchAlgorithm[EarlyRejectionParams, EarlyRejectionS
     def init(
         self, problem: Prompt, params: EarlyRejectionParams, seed: int, budget: Budget | None = None
     ) -> EarlyRejectionState:
-        inner = inner_algorithm(params.inner)
+        inner = inner_algorithm(params)
         inner_state = inner.init(
             problem, inner.Params.model_validate(params.inner_params), seed, budget
-        )
-        inner_state.common.early_rejection = EarlyRejection(
-            tau=params.tau, keep=author_keep(params), rescore=params.rescore
         )
         return EarlyRejectionState(params=params, inner=inner_state)
 
     async def advance(
         self, state: EarlyRejectionState, policy: Policy, reward: Reward
     ) -> EarlyRejectionState:
-        await inner_algorithm(state.params.inner).advance(state.inner, policy, reward)
+        await inner_algorithm(state.params).advance(state.inner, policy, reward)
         return state
 
     async def _step(self, state: EarlyRejectionState, policy: Policy, reward: Reward) -> None:
-        await inner_algorithm(state.params.inner)._step(state.inner, policy, reward)
+        await inner_algorithm(state.params)._step(state.inner, policy, reward)
 
     def is_done(self, state: EarlyRejectionState) -> bool:
-        return inner_algorithm(state.params.inner).is_done(state.inner)
+        return inner_algorithm(state.params).is_done(state.inner)
 
     def result(self, state: EarlyRejectionState) -> SearchResult:
-        inner = inner_algorithm(state.params.inner).result(state.inner)
+        inner = inner_algorithm(state.params).result(state.inner)
         return replace(inner, algorithm=f"{self.name}({state.params.inner})")
 
     def dumps(self, state: EarlyRejectionState) -> bytes:
         """Our parameters, and the inner algorithm's own checkpoint nested as a JSON object."""
-        inner = json.loads(inner_algorithm(state.params.inner).dumps(state.inner))
+        inner = json.loads(inner_algorithm(state.params).dumps(state.inner))
         body = {"params": state.params.model_dump(mode="json"), "inner": inner}
         doc = {"format": FORMAT_VERSION, "algorithm": self.name, "state": body}
         return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode()
@@ -144,5 +150,5 @@ class EarlyRejectionSearch(SearchAlgorithm[EarlyRejectionParams, EarlyRejectionS
             raise ValueError(f"unsupported checkpoint format {doc.get('format')!r}")
         params = self.Params.model_validate(doc["state"]["params"])
         inner_doc = json.dumps(doc["state"]["inner"], separators=(",", ":"), allow_nan=True)
-        inner = inner_algorithm(params.inner).loads(inner_doc.encode())
+        inner = inner_algorithm(params).loads(inner_doc.encode())
         return EarlyRejectionState(params=params, inner=inner)

@@ -18,7 +18,6 @@ from lodestar.orchestrator.algorithms.answers import (
     has_final_answer,
     winning_group,
 )
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
 from lodestar.orchestrator.algorithms.state import (
     BudgetExhausted,
     Candidate,
@@ -26,6 +25,7 @@ from lodestar.orchestrator.algorithms.state import (
     SearchCommon,
     Trajectory,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import ExtendRequest, SamplingParams, ScoreRequest, StepOutput
 
 
@@ -260,11 +260,12 @@ async def expand(
     aggregation: str,
     groups: Sequence[int] | None = None,
     to_end: bool = False,
+    early_rejection: EarlyRejection | None = None,
 ) -> list[Trajectory]:
     """Grow one step from each parent and score the children: the step-level unit of work.
 
-    Both budgets are checked before anything is spent. With early rejection (set on the search's
-    common state by the `early_rejection` wrapper), every candidate first generates `tau` tokens
+    Both budgets are checked before anything is spent. With `early_rejection` (the search's
+    setting, from the `early_rejection` wrapper), every candidate first generates `tau` tokens
     and is scored on that (maybe partial) step; within each group (default: one group) only the
     best `keep` share survives, steps that ended within tau competing too (the author code's
     top num_beams // beam_width); partial survivors are finished, keeping their head score
@@ -277,7 +278,6 @@ async def expand(
     if not parents:
         return []
     n = len(parents)
-    early_rejection = common.early_rejection
     if (
         to_end
         or early_rejection is None

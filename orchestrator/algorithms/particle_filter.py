@@ -43,10 +43,9 @@ from lodestar.orchestrator.algorithms.base import (
     Aggregation,
     ParticleSelection,
     ScoredParams,
-    SearchAlgorithm,
+    StepSearch,
 )
-from lodestar.orchestrator.algorithms.expansion import candidate, choose, expand
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
+from lodestar.orchestrator.algorithms.expansion import candidate, choose
 from lodestar.orchestrator.algorithms.state import (
     Budget,
     SearchCommon,
@@ -60,6 +59,7 @@ from lodestar.orchestrator.algorithms.weights import (
     normalized_entropy,
     softmax,
 )
+from lodestar.workers.contract import Policy, Reward
 from lodestar.workers.messages import Prompt
 
 Resampling = Literal["multinomial", "systematic", "residual"]
@@ -200,7 +200,7 @@ def _copy(t: Trajectory) -> Trajectory:
     return dataclasses.replace(t, steps=list(t.steps), rewards=list(t.rewards))
 
 
-class ParticleFilter(SearchAlgorithm[ParticleFilterParams, ParticleFilterState]):
+class ParticleFilter(StepSearch[ParticleFilterParams, ParticleFilterState]):
     """PF: one advance is the initial step or one round (resample + one batched expand)."""
 
     name = "pf"
@@ -283,14 +283,6 @@ class ParticleFilter(SearchAlgorithm[ParticleFilterParams, ParticleFilterState])
         state.particles, state.lookahead, state.carried = new, [], _sparse(carried)
         record = RoundRecord(t, len(pool), ess, entropy, tau, resample, ancestors, dead)
         state.rounds.append(record)
-
-    async def _expand(
-        self, state: ParticleFilterState, policy: Policy, reward: Reward, parents: list[Trajectory]
-    ) -> list[Trajectory]:
-        p = state.params
-        return await expand(
-            state.common, policy, reward, parents, p.sampling(), p.max_steps, p.aggregation
-        )
 
     def _looks_ahead(self, state: ParticleFilterState) -> bool:
         return False

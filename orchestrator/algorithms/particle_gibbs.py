@@ -36,7 +36,6 @@ from lodestar.orchestrator.algorithms.particle_filter import (
     candidate_weights,
     particle_log_weights,
 )
-from lodestar.orchestrator.algorithms.protocols import Policy, Reward
 from lodestar.orchestrator.algorithms.state import SearchResult, Trajectory
 from lodestar.orchestrator.algorithms.weights import (
     RESAMPLERS,
@@ -44,6 +43,7 @@ from lodestar.orchestrator.algorithms.weights import (
     normalized_entropy,
     softmax,
 )
+from lodestar.workers.contract import Policy, Reward
 
 
 class ParticleGibbsParams(ParticleFilterParams):

@@ -65,19 +65,28 @@ def get_algorithm(name: str) -> SearchAlgorithm[Any, Any]:
         raise ParamError("algorithm", f"unknown algorithm {name!r} (known: {known})") from None
 
 
-def _validated(model: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+def _validated(model: type[Any], data: Mapping[str, Any], prefix: str, inner: str = "") -> Any:
+    """`model` from `data`; its first error at `prefix.<loc>`, `inner_params` named `inner`."""
     try:
         return model.model_validate(dict(data))
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"])
-        raise ParamError(f"{prefix}.{loc}" if loc else prefix, err["msg"]) from None
+        loc = [str(x) for x in err["loc"]]
+        if inner and loc[:1] == ["inner_params"]:
+            loc[0] = inner
+        raise ParamError(".".join([prefix, *loc]), err["msg"]) from None
 
 
-def parse_params(name: str, params: Mapping[str, Any] | None = None) -> SearchParams:
-    """Typed parameters of algorithm `name`; unknown or out-of-range fields raise ParamError."""
-    algorithm = get_algorithm(name)
-    return _validated(algorithm.Params, params or {}, "params")
+def parse_params(
+    name: str, params: Mapping[str, Any] | None = None, *, wire: bool = False
+) -> SearchParams:
+    """Typed parameters of algorithm `name`; a bad field raises ParamError named as given
+    (`params.n`, `params.inner_params.n`) or, with `wire`, as gRPC nests it (`params.pf.n`,
+    `params.early_rejection.pf.n`), so the server passes it on unchanged."""
+    algorithm, data = get_algorithm(name), params or {}
+    if wire:
+        return _validated(algorithm.Params, data, f"params.{name}", data.get("inner", ""))
+    return _validated(algorithm.Params, data, "params")
 
 
 def parse_budget(budget: Mapping[str, Any] | None = None) -> Budget:

@@ -83,7 +83,9 @@ class Trajectory:
 @dataclass(frozen=True, slots=True)
 class EarlyRejection:
     """Score a candidate step after its first `tau` tokens; only the best `keep` share of each
-    group survives (steps that ended within tau compete too) and the partial survivors finish."""
+    group survives (steps that ended within tau compete too) and the partial survivors finish.
+    A setting of the search (`StepSearch`), not state: the copy that old checkpoints keep in
+    their `SearchCommon` is ignored on load."""
 
     tau: int
     keep: float
@@ -105,8 +107,6 @@ class SearchCommon:
     next_id: int = 0
     done: bool = False
     stop_reason: str = ""
-    early_rejection: EarlyRejection | None = None
-    """Set by the early-rejection wrapper; `expansion.expand` applies it to every step."""
 
     def rng(self) -> np.random.Generator:
         """A fresh generator for the next random decision (counter-based: resumes exactly)."""

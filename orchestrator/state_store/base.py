@@ -6,9 +6,12 @@ backend (one process) and the Redis backend (many orchestrators) pass the same t
 
 Contracts shared by both backends:
 
-- Checkpoints are compare-and-set on a generation counter. A search without a checkpoint is at
-  generation 0; `save_checkpoint(g)` succeeds only when `g == stored + 1`, otherwise it raises
-  `StaleWriter`. Raising (not returning False) means a stale orchestrator cannot ignore the loss.
+- Checkpoints are compare-and-set on a generation counter. Generation 0, the initial state the
+  spec was validated by, is written with the job in one atomic step (`create_job`,
+  `create_batch`), so no orchestrator builds it again; a search without a checkpoint (a job an
+  older version stored) is at generation 0 too. `save_checkpoint(g)` succeeds only when
+  `g == stored + 1`, otherwise it raises `StaleWriter`. Raising (not returning False) means a
+  stale orchestrator cannot ignore the loss.
 - Job status moves queued -> running -> succeeded | failed | cancelled (queued may also go
   straight to failed or cancelled). A finished job is immutable, and after it finishes every key
   of the search expires after `finished_ttl_s`.
@@ -21,8 +24,9 @@ Batches (SubmitBatch/GetBatch) are a second record kind beside jobs: many search
 together and followed as one unit. Their methods sit on `StateStore` itself (every backend must
 implement them), and their contract is:
 
-- `create_batch` creates the batch record and one queued job per item, all or nothing: a taken
-  batch id (`BatchExists`) or search id (`JobExists`) leaves no record and no job behind. Items
+- `create_batch` creates the batch record and one queued job per item, each with its
+  generation-0 checkpoint, all or nothing: a taken batch id (`BatchExists`) or search id
+  (`JobExists`) leaves no record, job or checkpoint behind. Items
   carry `batch_id` / `batch_index` in their `JobSpec`; `create_job` refuses such specs, so every
   job naming a batch is one of its items.
 - When an item's job finishes (`update_job`), the batch counts it by terminal status and appends
@@ -326,8 +330,9 @@ class StateStore(ABC):
     # -- jobs -----------------------------------------------------------------------------------
 
     @abstractmethod
-    async def create_job(self, spec: JobSpec) -> JobRecord:
-        """Create a queued, unowned job; raise `JobExists` if the search id is taken."""
+    async def create_job(self, spec: JobSpec, initial: bytes | None = None) -> JobRecord:
+        """Create a queued, unowned job and, atomically with it, `initial` as its generation-0
+        checkpoint (None: no checkpoint); raise `JobExists` if the search id is taken."""
 
     @abstractmethod
     async def get_job(self, search_id: str) -> JobRecord | None: ...
@@ -447,11 +452,17 @@ class StateStore(ABC):
 
     @abstractmethod
     async def create_batch(
-        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+        self,
+        batch_id: str,
+        settings: JSON,
+        specs: Sequence[JobSpec],
+        initial: Sequence[bytes] | None = None,
     ) -> BatchRecord:
-        """Create the batch record and one queued job per spec, all or nothing.
+        """Create the batch record and one queued job per spec, with `initial[i]` as item i's
+        generation-0 checkpoint (as `create_job`), all or nothing.
 
-        Spec i must carry `batch_id` and `batch_index == i` (else `ValueError`). Raises
+        Spec i must carry `batch_id` and `batch_index == i`, and `initial` (if given) must have
+        one bytes value per spec (else `ValueError`). Raises
         `BatchExists` or `JobExists` when an id is taken, leaving nothing new behind. The jobs are
         ordinary jobs from then on (`list_unfinished`, `claim_orphans`, ...).
         """
@@ -506,12 +517,19 @@ def validate_lease(owner: str, lease_s: float) -> None:
         raise ValueError("lease_s must be > 0")
 
 
-def validate_batch(batch_id: str, specs: Sequence[JobSpec]) -> None:
-    """Refuse a batch whose items do not name it, in order, with distinct valid search ids: the
-    finish step trusts `batch_index` and the search id to find an item."""
+def validate_batch(
+    batch_id: str, specs: Sequence[JobSpec], initial: Sequence[bytes] | None = None
+) -> None:
+    """Refuse a batch whose items do not name it, in order, with distinct valid search ids (the
+    finish step trusts `batch_index` and the search id to find an item), or whose initial
+    checkpoints are not one per item."""
     check_search_id(batch_id)
     if not specs:
         raise ValueError(f"batch {batch_id!r} has no items")
+    if initial is not None and len(initial) != len(specs):
+        raise ValueError(f"{len(initial)} initial checkpoints for {len(specs)} items")
+    for data in initial or ():
+        check_data(data)
     seen: set[str] = set()
     for i, spec in enumerate(specs):
         check_search_id(spec.search_id)
@@ -525,10 +543,17 @@ def validate_batch(batch_id: str, specs: Sequence[JobSpec]) -> None:
         seen.add(spec.search_id)
 
 
-def check_single_job(spec: JobSpec) -> None:
+def check_data(data: bytes | None) -> None:
+    """Checkpoint data is bytes (None: no checkpoint)."""
+    if data is not None and not isinstance(data, bytes):
+        raise TypeError(f"checkpoint data must be bytes, got {type(data).__name__}")
+
+
+def check_single_job(spec: JobSpec, initial: bytes | None = None) -> None:
     """`create_job` is for lone searches: a batch item made outside `create_batch` would be
     counted by a batch that never listed it."""
     check_search_id(spec.search_id)
+    check_data(initial)
     if spec.batch_id is not None:
         raise ValueError(
             f"search {spec.search_id!r} names batch {spec.batch_id!r}: use create_batch"

@@ -108,13 +108,15 @@ class MemoryStateStore(StateStore):
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(self, spec: JobSpec) -> JobRecord:
-        check_single_job(spec)
+    async def create_job(self, spec: JobSpec, initial: bytes | None = None) -> JobRecord:
+        check_single_job(spec, initial)
         self._purge()
         if spec.search_id in self._jobs:
             raise JobExists(spec.search_id)
         job = JobRecord(spec=spec, status=JobStatus.QUEUED, created_at=self._clock())
         self._jobs[spec.search_id] = job
+        if initial is not None:  # replaces any stray one: a new job starts from its own spec
+            self._checkpoints[spec.search_id] = Checkpoint(0, initial)
         return job
 
     async def get_job(self, search_id: str) -> JobRecord | None:
@@ -240,10 +242,14 @@ class MemoryStateStore(StateStore):
     # -- batches -------------------------------------------------------------------------------
 
     async def create_batch(
-        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+        self,
+        batch_id: str,
+        settings: JSON,
+        specs: Sequence[JobSpec],
+        initial: Sequence[bytes] | None = None,
     ) -> BatchRecord:
         specs = list(specs)
-        validate_batch(batch_id, specs)
+        validate_batch(batch_id, specs, initial)
         settings = json.loads(json.dumps(settings))  # what Redis would give back
         self._purge()
         if batch_id in self._batches:
@@ -252,8 +258,10 @@ class MemoryStateStore(StateStore):
             if spec.search_id in self._jobs:
                 raise JobExists(spec.search_id)
         now = self._clock()
-        for spec in specs:
+        for i, spec in enumerate(specs):
             self._jobs[spec.search_id] = JobRecord(spec, JobStatus.QUEUED, created_at=now)
+            if initial is not None:
+                self._checkpoints[spec.search_id] = Checkpoint(0, initial[i])
         record = BatchRecord(batch_id, len(specs), settings, now, batch_counts())
         self._batches[batch_id] = _Batch(record, [spec.search_id for spec in specs])
         return record

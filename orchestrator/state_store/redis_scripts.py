@@ -33,11 +33,16 @@ CREATE_JOB = (
     + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
 local created = stamp(now())
-redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', created, unpack(ARGV))
+redis.call('HSET', KEYS[1], 'status', 'queued', 'created_at', created, unpack(ARGV, 3))
+if ARGV[1] == '1' then  -- DEL first: a stray key's TTL must not carry over
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[2], 'g', '0', 'd', ARGV[2])
+end
 return created
 """
 )
-"""ARGV: the spec's field/value pairs. Returns created_at, or false if the job exists."""
+"""The job and its generation-0 checkpoint. ARGV: '1' to write the checkpoint (else '0'), its
+data, then the spec's field/value pairs. Returns created_at, or false if the job exists."""
 
 UPDATE_JOB = (
     _PRELUDE

@@ -250,10 +250,10 @@ class RedisStateStore(StateStore):
 
     # -- jobs -----------------------------------------------------------------------------------
 
-    async def create_job(self, spec: JobSpec) -> JobRecord:
-        check_single_job(spec)
+    async def create_job(self, spec: JobSpec, initial: bytes | None = None) -> JobRecord:
+        check_single_job(spec, initial)
         keys = self._keys(spec.search_id)
-        fields = _spec_fields(spec)
+        fields = _create_args(spec, initial)
         async with self._guard("create_job"):
             # Index first, scored by creation time: a crash between the two leaves an id the index
             # later drops (DANGLING_AFTER_S), never a job that no orchestrator can find.
@@ -430,15 +430,21 @@ class RedisStateStore(StateStore):
     # -- batches --------------------------------------------------------------------------------
 
     async def create_batch(
-        self, batch_id: str, settings: JSON, specs: Sequence[JobSpec]
+        self,
+        batch_id: str,
+        settings: JSON,
+        specs: Sequence[JobSpec],
+        initial: Sequence[bytes] | None = None,
     ) -> BatchRecord:
-        """Check every id, reserve the batch record, then write items, index entries and jobs in
-        pipelined chunks; a job id taken in between rolls all of it back.
+        """Check every id, reserve the batch record, then write items, index entries and jobs
+        (each CREATE_JOB with its checkpoint) in pipelined chunks; a job id taken in between rolls
+        all of it back.
 
         A crash part-way leaves a partial batch (record without some jobs) that never finishes;
         the caller saw no success, and the items it did write run as ordinary jobs."""
         specs = list(specs)
-        validate_batch(batch_id, specs)
+        validate_batch(batch_id, specs, initial)
+        data = {s.search_id: initial[i] for i, s in enumerate(specs)} if initial else {}
         settings_json = json.dumps(settings)
         batch_keys = self._batch_keys(batch_id)
         ids = [spec.search_id for spec in specs]
@@ -465,7 +471,8 @@ class RedisStateStore(StateStore):
                 pipe.zadd(self._index, {spec.search_id: hold for spec in chunk}, nx=True)
                 for spec in chunk:
                     keys = self._keys(spec.search_id)
-                    await self._create(keys=keys, args=_spec_fields(spec), client=pipe)
+                    args = _create_args(spec, data.get(spec.search_id))
+                    await self._create(keys=keys, args=args, client=pipe)
 
             replies = await self._chunked(specs, write, skip=2)
             made = {i: float(c) for i, c in zip(ids, replies, strict=True) if c is not None}
@@ -491,7 +498,7 @@ class RedisStateStore(StateStore):
         async def undo(pipe: Pipeline, chunk: Sequence[str]) -> None:
             for search_id in chunk:
                 if search_id in made:
-                    pipe.delete(self._keys(search_id)[0])
+                    pipe.delete(*self._keys(search_id)[:2])  # job and checkpoint
                     pipe.zrem(self._index, search_id)
                 else:
                     pipe.zadd(self._index, {search_id: now}, xx=True, lt=True)
@@ -692,8 +699,10 @@ def _batch_from_hash(batch_id: str, raw: Mapping[bytes, bytes]) -> BatchRecord:
     )
 
 
-def _spec_fields(spec: JobSpec) -> list[str]:
-    fields = [
+def _create_args(spec: JobSpec, initial: bytes | None) -> list[str | bytes]:
+    """CREATE_JOB's ARGV: whether to write a generation-0 checkpoint, its data, the spec."""
+    fields: list[str | bytes] = ["0", b""] if initial is None else ["1", initial]
+    fields += [
         "algorithm",
         spec.algorithm,
         "params",

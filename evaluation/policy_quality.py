@@ -1,6 +1,6 @@
 """Measure an arithmetic policy with plain Hugging Face generation: greedy accuracy and pass@k.
 
-    python -m lodestar.training.evaluate_policy --model models/arith-policy --n 200 --k 8
+    python -m lodestar.evaluation.policy_quality --model models/arith-policy --n 200 --k 8
 
 Problems are held-out (`--split test` by default) at one difficulty. Besides greedy accuracy it
 reports, from k samples per problem at `--temperature`: pass@j for j = 1..k (unbiased estimator),

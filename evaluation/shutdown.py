@@ -1,14 +1,15 @@
 """SIGTERM to exit of a busy `lodestar serve` (shipped models, private Redis), and what it leaves.
 
-    python -m benchmarks.shutdown                          # default call size (256 requests)
-    python -m benchmarks.shutdown --max-batch 16384 --items 16 --searches 8 --particles 1024
+    python -m lodestar.evaluation.shutdown      # default call size (256 requests)
+    python -m lodestar.evaluation.shutdown --max-batch 16384 --items 16 --searches 8 \
+        --particles 1024
 
 The server runs in its own process (`app.serve`, as `lodestar serve` does, one torch thread per
 actor); the client submits a batch and some `Search` calls, waits for a first checkpoint, sends
 SIGTERM and times the exit. `--max-batch` sets the most requests in one actor call: large, it
 makes each call last many seconds, as a real model's batches do, which is where a shutdown that
 waits on the actors (a cache drop queued behind the call) shows. Printed: seconds from SIGTERM
-to exit, what the `Search` callers got, and the unfinished jobs by (status, has a checkpoint,
+to exit, what the `Search` callers got, and the unfinished jobs by (status, has stepped,
 cancel flag): a cancel flag means the search would end CANCELLED instead of being resumed.
 """
 
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -37,14 +39,17 @@ def serve(redis_url: str, max_batch: int, grace_s: float) -> None:
     from lodestar.orchestrator.worker_pool import PoolConfig
     from lodestar.services.app import ServeConfig
     from lodestar.services.app import serve as run
+    from lodestar.services.runtime import RuntimeConfig
     from lodestar.services.server import ServerConfig
 
     torch.set_num_threads(1)
-    config = ServeConfig(
-        server=ServerConfig(address="127.0.0.1:0", grace_s=grace_s),
+    runtime = RuntimeConfig(
         pool=PoolConfig(threads=1, max_batch=max_batch),
         orchestrator=OrchestratorConfig(max_live=128, lease_s=15.0, scan_interval_s=1.0),
         store_url=redis_url,
+    )
+    config = ServeConfig(
+        server=ServerConfig(address="127.0.0.1:0", grace_s=grace_s), runtime=runtime
     )
     asyncio.run(run(config, announce=lambda line: print(line, flush=True)))
 
@@ -80,7 +85,7 @@ async def load_and_stop(args: argparse.Namespace, server: subprocess.Popen, addr
             )
             for i, p in enumerate(problems[args.items :])
         ]
-        while not any([await store.load_checkpoint(i) is not None for i in ids]):
+        while not any([await stepped(store, i) for i in ids]):
             await asyncio.sleep(0.1)
         sent = time.monotonic()
         server.send_signal(signal.SIGTERM)
@@ -101,9 +106,16 @@ async def load_and_stop(args: argparse.Namespace, server: subprocess.Popen, addr
         for search_id in ids:
             job = await store.get_job(search_id)
             if job is not None and not job.status.finished:
-                checkpoint = await store.load_checkpoint(search_id) is not None
-                left[(str(job.status), checkpoint, await store.is_cancelled(search_id))] += 1
-        print("unfinished jobs (status, checkpoint, cancel flag):", dict(left))
+                step = await stepped(store, search_id)
+                left[(str(job.status), step, await store.is_cancelled(search_id))] += 1
+        print("unfinished jobs (status, has stepped, cancel flag):", dict(left))
+
+
+async def stepped(store: Any, search_id: str) -> bool:
+    """Whether the search checkpointed a step (generation 0, its initial state, is written at
+    submit)."""
+    checkpoint = await store.load_checkpoint(search_id)
+    return checkpoint is not None and checkpoint.generation > 0
 
 
 def main() -> None:
@@ -124,8 +136,8 @@ def main() -> None:
     with LocalRedis() as redis_server, tempfile.TemporaryDirectory() as tmp:
         args.redis_url = redis_server.url
         log = Path(tmp) / "serve.log"
-        command = [sys.executable, "-m", "benchmarks.shutdown", "--serve", redis_server.url]
-        command += [str(args.max_batch), str(args.grace_s)]
+        command = [sys.executable, "-m", "lodestar.evaluation.shutdown", "--serve"]
+        command += [redis_server.url, str(args.max_batch), str(args.grace_s)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         with log.open("w") as out:
             server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

@@ -1,6 +1,6 @@
 """Measure a learned PRM on held-out on-policy samples, scored through the real inference path.
 
-    python -m lodestar.training.evaluate_prm --prm models/arith-prm --policy models/arith-policy
+    python -m lodestar.evaluation.prm_quality --prm models/arith-prm --policy models/arith-policy
 
 The policy samples `--samples` solutions per VALIDATION-split problem (step by step, as the search
 does); `evaluate_steps` labels every step. The PRM scores them through `RewardWorker` built by
