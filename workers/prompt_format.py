@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from lodestar.workers.messages import Prompt
+from lodestar.workers.messages import ExtendRequest, Prompt
 
 if TYPE_CHECKING:  # the submit-time check imports this module in the CLI: keep it light
     from transformers import PreTrainedTokenizerBase
@@ -31,6 +31,11 @@ class PolicyPrompts:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
+
+    def prefix(self, request: ExtendRequest) -> str:
+        """The text a policy continues: the rendered prompt, the steps so far, then the partial
+        step (every engine builds its tokens from this, so all see the same ids)."""
+        return self.render(request.prompt) + "".join(request.steps) + request.partial_step
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         """Prefix token ids; a rendered chat carries its own special tokens, plain text gets the

@@ -141,6 +141,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ .Values.actors.rewardWorkers | quote }}
 - --num-gpus
 - {{ .Values.actors.numGpus | quote }}
+- --engine
+- {{ .Values.actors.engine | quote }}
 {{- if .Values.actors.threads }}
 - --threads
 - {{ .Values.actors.threads | quote }}

