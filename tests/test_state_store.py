@@ -675,3 +675,27 @@ def test_redis_save_checkpoint_latency_on_loopback(redis_server: LocalRedis) -> 
         f"\nsave_checkpoint (4 KiB, loopback): mean {statistics.fmean(samples) * 1e6:.0f} µs, "
         f"p50 {p50 * 1e6:.0f} µs, p99 {p99 * 1e6:.0f} µs"
     )
+
+
+def test_a_shared_read_never_serves_a_waiter_that_asked_for_earlier_entries() -> None:
+    """Pure logic of the shared reader's hand-out: an XREAD sent from offset 1 (a key lingering
+    there) returns entry 2; a waiter that joined meanwhile asking for everything after 0 (a
+    follower whose previous wait timed out just as entry 1 was served) must not get [2], which
+    would skip entry 1 (the 1,000-stream test saw such streams end with no progress event): it
+    waits for the next round, read from its own offset. A waiter at 1 is served."""
+    from lodestar.orchestrator.state_store.redis_stream_reader import (
+        SharedStreamReader,
+        _Shard,
+        _Waiter,
+    )
+
+    async def main() -> tuple[bool, list[Any]]:
+        reader = SharedStreamReader(None, None, prefix="t", shards=1, block_s=1, call_timeout_s=1)  # type: ignore[arg-type]
+        loop = asyncio.get_running_loop()
+        behind, current = _Waiter(0, 10, loop.create_future()), _Waiter(1, 10, loop.create_future())
+        shard = _Shard("wake", waiting={"k": {behind, current}})
+        served = reader._serve(shard, "k", [(b"0-2", {})], read_from=1)
+        return served and not behind.served.done(), await current.served
+
+    left_waiting, got = asyncio.run(main())
+    assert left_waiting and got == [(b"0-2", {})]

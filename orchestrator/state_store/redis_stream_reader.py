@@ -184,7 +184,7 @@ class SharedStreamReader:
                     if key == shard.wake_key:
                         shard.wake_id = entries[-1][0].decode()
                     else:
-                        served = self._serve(shard, key, entries) or served
+                        served = self._serve(shard, key, entries, offsets[key]) or served
                 if served:  # busy: let entries gather rather than spend the loop on XREADs
                     shard.pausing = True
                     try:
@@ -202,13 +202,19 @@ class SharedStreamReader:
         """True when the XREAD in flight would not return `key`'s entries after `after`."""
         return shard.reading is not None and shard.reading.get(key, after + 1) > after
 
-    def _serve(self, shard: _Shard, key: str, entries: list[Entry]) -> bool:
-        """Hand `entries` to the key's waiters; True if any got some."""
+    def _serve(self, shard: _Shard, key: str, entries: list[Entry], read_from: int) -> bool:
+        """Hand `entries` (the stream after offset `read_from`) to the key's waiters; True if any
+        got some. A waiter that joined the XREAD in flight asking for earlier entries (its
+        `after` below `read_from`: e.g. a follower whose last wait timed out just as it was
+        served) is not served from it, which would skip the entries in between: the next round
+        reads from its offset."""
         waiters = shard.waiting.get(key)
         if not waiters:  # a lingering key nobody came back for: its follower reads them itself
             return False
         served = False
         for waiter in list(waiters):
+            if waiter.after < read_from:
+                continue
             got = [e for e in entries if entry_offset(e[0]) > waiter.after][: waiter.limit]
             if got:
                 waiters.discard(waiter)
