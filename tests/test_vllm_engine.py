@@ -90,6 +90,20 @@ def test_a_partial_step_is_continued_not_restarted(engine: Any) -> None:
     assert out.stop_reason == "delimiter" and out.text == "5=12\n\n"
 
 
+def test_a_partial_step_ending_inside_the_delimiter_stops_where_it_completes(engine: Any):
+    """vLLM's stop strings see only new text: the engine cuts the tokens itself, as HF stops."""
+    out = one(engine, req("f", partial_step="7+5=12\n"))
+    assert (out.stop_reason, out.text, out.num_tokens) == ("delimiter", "\n", 1)
+
+
+def test_a_batch_of_long_seeded_prompts_beyond_one_prefill_budget_is_served(engine: Any):
+    """64 seeded requests of ~190 prompt tokens: on the CPU build a chunked seeded prefill
+    killed the engine core, so chunked prefill is off there."""
+    requests = [req(f"l{i}", problem="1+" * 94 + str(i % 9), seed=i) for i in range(64)]
+    outs = engine.extend(requests)
+    assert all(isinstance(o, StepOutput) and o.num_tokens > 0 for o in outs)
+
+
 def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(engine: Any) -> None:
     requests = [req(f"s{i}", problem=LONG, seed=i, sampling=SAMPLED) for i in range(6)]
     together = engine.extend(requests)

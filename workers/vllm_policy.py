@@ -93,7 +93,13 @@ class VLLMPolicy:
         batched = max(8192, 4 * (self.context_tokens or 2048))
         # The CPU backend's default block (128 tokens) would cache no prefix of a short step
         # sequence; 32 is its smallest (whole blocks are what prefix caching shares).
-        cpu = {"block_size": 32} if self.device.type == "cpu" else {}
+        # Without chunked prefill too: a seeded request whose prefill is split kills the CPU
+        # engine core ("CPU Generator does not use offset", then EngineDeadError) as soon as one
+        # call's uncached prompt tokens exceed `batched` (64 x 203 tokens did); unchunked, the
+        # scheduler defers whole prompts to the next step instead.
+        cpu = (
+            {"block_size": 32, "enable_chunked_prefill": False} if self.device.type == "cpu" else {}
+        )
         self.llm = LLM(
             model=str(path),
             tokenizer=str(path),
@@ -154,8 +160,8 @@ class VLLMPolicy:
     def _step(self, request: ExtendRequest, prefix: int, limited: bool, result: Any) -> StepOutput:
         out = result.outputs[0]
         tokens = list(out.token_ids)
+        logprobs = [lp[t].logprob for lp, t in zip(out.logprobs or (), tokens, strict=True)]
         num_tokens = len(tokens)  # EOS counts as generated, as on the HF engine
-        logprob = sum(lp[t].logprob for lp, t in zip(out.logprobs or (), tokens, strict=True))
         stop: StopReason
         if out.finish_reason == "stop" and tokens and tokens[-1] in self.eos_ids:
             stop, tokens = "eos", tokens[:-1]
@@ -163,10 +169,19 @@ class VLLMPolicy:
             stop = "delimiter"
         else:
             stop = "context" if limited else "length"
-        partial = request.partial_step
+        partial, delimiter = request.partial_step, request.sampling.step_delimiter
+        if _ends_inside(partial, delimiter):
+            # vLLM's stop strings see only the new text, so a delimiter begun in the partial step
+            # did not stop the request: keep the tokens up to it, as the HF engine stops there.
+            for j in range(1, len(tokens) + 1):
+                step = partial + self.tokenizer.decode(tokens[:j])
+                if find_step_end(step, len(partial), delimiter) is not None:
+                    stop, tokens, num_tokens = "delimiter", tokens[:j], j
+                    break
+        logprob = sum(logprobs[:num_tokens])
         text = self.tokenizer.decode(tokens)
-        end = find_step_end(partial + text, len(partial), request.sampling.step_delimiter)
-        if end is not None:  # also a delimiter that began in the partial step
+        end = find_step_end(partial + text, len(partial), delimiter)
+        if end is not None:  # cut right after the delimiter (a token may run past it)
             stop, text = "delimiter", (partial + text)[len(partial) : end]
         cached = min(result.num_cached_tokens or 0, prefix)
         self.generated_tokens += num_tokens
@@ -197,3 +212,8 @@ class VLLMPolicy:
 def _cut(cap: int, room: int) -> StopReason:
     """Why a step that cannot grow stops: its cap, or the end of the context."""
     return "length" if cap <= room else "context"
+
+
+def _ends_inside(partial: str, delimiter: str) -> bool:
+    """Whether `partial` ends with a proper prefix of `delimiter` (a step cut mid-delimiter)."""
+    return any(partial.endswith(delimiter[:k]) for k in range(1, len(delimiter)))
