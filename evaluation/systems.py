@@ -10,7 +10,8 @@ always B / A, with A the side Lodestar runs and B the side it is compared with:
 3. PRM scoring step by step as a search does: full rescoring (B) vs incremental (A);
 4. the same searches through gRPC + orchestrator + Redis + Ray actors (B) vs in process (A);
 5. concurrent searches per engine: 1 live (B) vs k live (A), i.e. the throughput gain;
-6. its_hub's access pattern (B: a call per particle, every prefix rescored) vs Lodestar's (A).
+6. its_hub 1.2.0's own PF, beam search and best-of-N (B, `its_hub_adapter`) vs Lodestar's (A) over
+   the same engines, one search at a time and all at once, with each side's accuracy.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class BenchOptions:
     problems: int = 32
     """Searches per measured run (held-out arithmetic problems, seed i for the i-th)."""
     particles: int = 16
-    """PF particles per search; also the sequences scored at once in the PRM row."""
+    """PF particles per search (row 6: also beam search's and best-of-N's samples); also the
+    sequences scored at once in the PRM row."""
     steps: tuple[int, ...] = (5, 10, 20)
     """Solution lengths of the incremental-vs-full PRM row."""
     concurrency: tuple[int, ...] = (1, 8, 32)
@@ -74,6 +76,9 @@ class BenchOptions:
     quick: bool = False
     """Tiny sizes whatever the others say: 4 problems, 4 particles, steps (2, 8), concurrency
     (1, 4), one repeat (a smoke test: well under a minute)."""
+    engines: bool = False
+    """Also rows 7 and 8 (`engine_bench`: vLLM vs HF, Lodestar over vLLM vs raw vLLM); skipped
+    with the install hint when vLLM is not installed."""
 
     def __post_init__(self) -> None:
         sizes = {"problems": self.problems, "particles": self.particles, "repeats": self.repeats}
@@ -104,7 +109,7 @@ class Row:
     """One line of the table; `dataclasses.asdict` gives its JSON form."""
 
     section: int
-    """Which measurement (1-6, as in the module docstring)."""
+    """Which measurement (1-6, as in the module docstring; 7-8 in `engine_bench`)."""
     name: str
     setting: str
     a: str
@@ -123,7 +128,7 @@ class Row:
     """Further figures of the row (searches/min, batch sizes, tokens encoded)."""
 
 
-# -- worker faces: timed, and its_hub's access pattern --------------------------------------------
+# -- worker faces: timed ------------------------------------------------------------------------
 
 
 class CallClock:
@@ -180,22 +185,6 @@ class TimedReward(_Facade):
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         return self.clock.run(self.worker.score, requests)
-
-
-class PerParticlePolicy(_Facade):
-    """its_hub's policy access: one model call per particle per step (give it a worker whose
-    cache is off, so nothing is reused between calls either)."""
-
-    def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput]:
-        return [out for r in requests for out in self.worker.extend([r])]
-
-
-class FullRescoreReward(_Facade):
-    """its_hub's PRM access: every particle's whole prefix rescored each step, in one call per
-    step (no parent named; give it a worker whose cache is off)."""
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
-        return self.worker.score([dataclasses.replace(r, parent_id=None) for r in requests])
 
 
 # -- measuring -----------------------------------------------------------------------------------
@@ -280,6 +269,58 @@ async def run_one_at_a_time(
         prompt_tokens=sum(p.prompt_tokens for p in parts),
         prm_tokens=sum(p.prm_tokens for p in parts),
     )
+
+
+async def run_its_hub(
+    policy: PolicyEngine, reward: RewardEngine, jobs: list[JobSpec], live: int, models: ModelConfig
+) -> Sample:
+    """The searches with its_hub's own algorithms (`its_hub_adapter`), at most `live` at once
+    (1: one after another), over the same engines and the same batchers as `run_engine`'s
+    runtime (`LocalWorkers`, the in-process runtime's defaults): concurrent searches' calls
+    merge as a server's scheduler would merge them."""
+    from lodestar.evaluation.its_hub_adapter import solve_with_its_hub
+    from lodestar.orchestrator.inprocess import LocalWorkers
+
+    pool, clock = PoolConfig(models), CallClock()
+    engines = TimedPolicy(policy, clock), TimedReward(reward, clock)
+    workers = LocalWorkers(*engines, pool.max_batch, pool.max_wait_s, pool.max_call_chars)
+    slots = asyncio.Semaphore(live)
+
+    async def one(job: JobSpec) -> Any:
+        async with slots:
+            return await solve_with_its_hub(workers, job)
+
+    try:
+        started = time.perf_counter()
+        results = await asyncio.gather(*(one(j) for j in jobs))
+        wall = time.perf_counter() - started
+    finally:
+        workers.shutdown()
+    sizes = workers.policy_batcher.batch_sizes
+    return Sample(
+        wall_s=wall,
+        answers=[r.text for r in results],
+        model_busy_s=clock.busy_s(),
+        model_sum_s=clock.sum_s(),
+        mean_policy_batch=sum(sizes) / max(len(sizes), 1),
+        prompt_tokens=sum(r.log.prompt_tokens for r in results),
+        prm_tokens=sum(r.log.prm_tokens for r in results),
+    )
+
+
+def accuracy(samples: Sequence[Sample], problems: Sequence[Problem]) -> float:
+    """Median share of searches whose answer's last `\\boxed{}` is the problem's value (graded
+    the same way for both sides)."""
+    from lodestar.orchestrator.algorithms.answers import extract_boxed, matches_reference
+
+    def share(s: Sample) -> float:
+        right = [
+            matches_reference(extract_boxed(text), str(p.answer))
+            for text, p in zip(s.answers, problems, strict=True)
+        ]
+        return sum(right) / len(right)
+
+    return median(samples, share)
 
 
 def median(samples: Sequence[Sample], key: Callable[[Sample], float]) -> float:
@@ -482,11 +523,8 @@ async def search_rows(
     policy = build_policy(models)
     policy_off = PolicyWorker(policy.model, policy.tokenizer, cache_tokens=0)
     reward = build_reward(models)
-    reward_off = without_cache(reward)
-    jobs = [
-        JobSpec(f"bench-{i}", "pf", {"n": particles}, p.expression, i, BUDGET)
-        for i, p in enumerate(problems)
-    ]
+    peers = peer_jobs(problems, particles)
+    jobs = peers["pf"]
     levels = sorted({min(c, n) for c in options.concurrency})
 
     async with grpc_stack(options, max_live=n) as stub:
@@ -494,24 +532,58 @@ async def search_rows(
             "in-process": lambda: run_engine(policy, reward, jobs, n, models),
             "policy cache off": lambda: run_engine(policy_off, reward, jobs, n, models),
             "gRPC + Ray + Redis": lambda: run_grpc(stub, jobs),
-            "its_hub pattern": lambda: run_one_at_a_time(
-                PerParticlePolicy(policy_off), FullRescoreReward(reward_off), jobs, models
-            ),
             "one at a time": lambda: run_one_at_a_time(policy, reward, jobs, models),
         }
         for level in levels:
             if level != n:
                 modes[f"{level} live"] = lambda k=level: run_engine(policy, reward, jobs, k, models)
+        for alg, js in peers.items():  # row 6; Lodestar's PF is "one at a time" and "in-process"
+            if alg != "pf":
+                modes[f"{alg}, 1 live"] = lambda j=js: run_one_at_a_time(policy, reward, j, models)
+                modes[f"{alg}, {n} live"] = lambda j=js: run_engine(policy, reward, j, n, models)
+            modes[f"its_hub {alg}, 1 live"] = lambda j=js: run_its_hub(policy, reward, j, 1, models)
+            modes[f"its_hub {alg}, {n} live"] = lambda j=js: run_its_hub(
+                policy, reward, j, n, models
+            )
         progress("warm-up")  # first calls: allocator, Ray actor code paths, Redis scripts
         await run_engine(policy, reward, jobs[:4], n, models)
         await run_grpc(stub, jobs[:4])
+        await run_its_hub(policy, reward, jobs[:4], n, models)
         samples = await alternate(modes, options.repeats, progress)
     samples.setdefault(f"{n} live", samples["in-process"])
-    return build_search_rows(options, samples, levels)
+    samples.setdefault("pf, 1 live", samples["one at a time"])
+    samples.setdefault(f"pf, {n} live", samples["in-process"])
+    return build_search_rows(options, samples, levels, problems)
+
+
+PEERS = {
+    "pf": ("PF", "ParticleFiltering"),
+    "beam": ("beam search", "BeamSearch"),
+    "best_of_n": ("best-of-N", "BestOfN"),
+}
+"""Row 6's algorithms: Lodestar's name -> (what the table calls it, its_hub's class)."""
+
+
+def peer_jobs(problems: Sequence[Problem], particles: int) -> dict[str, list[JobSpec]]:
+    """Row 6's searches by algorithm, seed i for the i-th problem: PF as every other row runs it
+    (its jobs are theirs), beam search with n samples a round from n/m kept beams (m = 4, or the
+    largest of 2 and 1 that divides n) and best-of-N with n samples; each its default params."""
+    m = next(k for k in (4, 2, 1) if particles % k == 0)
+    params = {"pf": {"n": particles}, "beam": {"n": particles, "m": m}}
+    params["best_of_n"] = {"n": particles}
+
+    def job(alg: str, i: int, problem: Problem) -> JobSpec:
+        search_id = f"bench-{i}" if alg == "pf" else f"bench-{alg}-{i}"
+        return JobSpec(search_id, alg, dict(params[alg]), problem.expression, i, BUDGET)
+
+    return {alg: [job(alg, i, p) for i, p in enumerate(problems)] for alg in params}
 
 
 def build_search_rows(
-    options: BenchOptions, samples: dict[str, list[Sample]], levels: Sequence[int]
+    options: BenchOptions,
+    samples: dict[str, list[Sample]],
+    levels: Sequence[int],
+    problems: Sequence[Problem],
 ) -> list[Row]:
     """Rows 1, 2, 4, 5 and 6 from the alternating rounds' samples."""
     n, particles = options.problems, options.particles
@@ -621,39 +693,60 @@ def build_search_rows(
             )
         )
 
-    its_hub = samples["its_hub pattern"]
-    wall_its = median(its_hub, _wall)
-    for what, run, run_wall in (
-        ("Lodestar PF, 1 live", one, wall_one),
-        (f"Lodestar PF, {n} live", base, wall),
-    ):
-        rows.append(
-            Row(
-                section=6,
-                name="its_hub-style access",
-                setting=searches,
-                a=what,
-                a_s=run_wall,
-                b="its_hub pattern",
-                b_s=wall_its,
-                ratio=wall_its / run_wall,
-                note=(
-                    "B: its_hub's access pattern emulated with the same worker objects: searches "
-                    "one after another; per step one extend call per particle (batch of 1, policy "
-                    "cache off) and one score call rescoring every particle's whole prefix (PRM "
-                    "cache off). A: Lodestar's batched, cached PF. Behind a vLLM server those "
-                    "per-particle calls would be batched (and prefix-cached) by the server; here "
-                    "nothing does that, so B/A bounds from above what Lodestar buys over it."
-                ),
-                checks={"answers identical": same_answers(run, its_hub)},
-                extra={
-                    "prompt_tokens_a": median(run, lambda s: s.prompt_tokens),
-                    "prompt_tokens_b": median(its_hub, lambda s: s.prompt_tokens),
-                    "prm_tokens_a": median(run, lambda s: s.prm_tokens),
-                    "prm_tokens_b": median(its_hub, lambda s: s.prm_tokens),
-                },
+    rows += peer_rows(options, samples, problems)
+    return rows
+
+
+def peer_rows(
+    options: BenchOptions, samples: dict[str, list[Sample]], problems: Sequence[Problem]
+) -> list[Row]:
+    """Row 6: for each algorithm, its_hub's own (B) vs Lodestar's (A), 1 and n live."""
+    n, particles, rows = options.problems, options.particles, []
+    note = (
+        "B: its_hub 1.2.0's own algorithm (ParticleFiltering, BeamSearch, BestOfN) over the same "
+        "engine objects and batchers (evaluation/its_hub_adapter.py): each agenerate is one "
+        "extend call (prefix caching on: the parent found by text, as a server's prefix cache "
+        "would), each PRM call rescores every answer's whole step list; n live = n its_hub "
+        "searches as asyncio tasks whose calls merge in the batchers, as a server's scheduler "
+        "merges concurrent requests. A: Lodestar's search of the same name, params and seeds. "
+        "Accuracy: the answer's last \\boxed{} against the problem's value."
+    )
+    for alg, (label, hub_class) in PEERS.items():
+        lone_a, many_a = samples[f"{alg}, 1 live"], samples[f"{alg}, {n} live"]
+        lone_b, many_b = samples[f"its_hub {alg}, 1 live"], samples[f"its_hub {alg}, {n} live"]
+        checks = {
+            f"its_hub same answers 1 and {n} live": same_answers(lone_b, many_b),
+            f"Lodestar same answers 1 and {n} live": same_answers(lone_a, many_a),
+        }
+        for live, run_a, run_b in ((1, lone_a, lone_b), (n, many_a, many_b)):
+            wall_a, wall_b = median(run_a, _wall), median(run_b, _wall)
+            rows.append(
+                Row(
+                    section=6,
+                    name="its_hub 1.2.0 vs Lodestar",
+                    setting=(
+                        f"{n} {label} searches, n={particles} ({reward_name(options.reward)}), "
+                        f"{live} live, in process"
+                    ),
+                    a=f"Lodestar {label}",
+                    a_s=wall_a,
+                    b=f"its_hub {hub_class}",
+                    b_s=wall_b,
+                    ratio=wall_b / wall_a,
+                    note=note,
+                    checks=checks,
+                    extra={
+                        "accuracy_a": accuracy(run_a, problems),
+                        "accuracy_b": accuracy(run_b, problems),
+                        "mean_policy_batch_a": median(run_a, lambda s: s.mean_policy_batch),
+                        "mean_policy_batch_b": median(run_b, lambda s: s.mean_policy_batch),
+                        "prompt_tokens_a": median(run_a, lambda s: s.prompt_tokens),
+                        "prompt_tokens_b": median(run_b, lambda s: s.prompt_tokens),
+                        "prm_tokens_a": median(run_a, lambda s: s.prm_tokens),
+                        "prm_tokens_b": median(run_b, lambda s: s.prm_tokens),
+                    },
+                )
             )
-        )
     return rows
 
 
@@ -682,6 +775,12 @@ def run_bench(options: BenchOptions, console: Console) -> list[Row]:
 
             rows = asyncio.run(search_rows(opts, problems, progress))
             rows += prm_rows(opts, problems, progress)
+            if opts.engines:
+                from lodestar.evaluation.engine_bench import engine_rows
+                from lodestar.evaluation.prm_engine_bench import prm_engine_rows
+
+                rows += engine_rows(opts, console, progress)
+                rows += prm_engine_rows(opts, console, progress)
     finally:
         torch.set_num_threads(threads)
     rows.sort(key=lambda r: r.section)
@@ -746,8 +845,18 @@ def _figures(row: Row) -> list[str]:
         out.append(f"PRM tokens {e['tokens_cached']:.0f} / {e['tokens_full']:.0f}")
     if "prompt_tokens_off" in e:
         out.append(f"prompt tokens {e['prompt_tokens_on']:.0f} / {e['prompt_tokens_off']:.0f}")
+    if "accuracy_b" in e:
+        out.append(f"accuracy {e['accuracy_a']:.0%} / {e['accuracy_b']:.0%}")
+        a, b = e["mean_policy_batch_a"], e["mean_policy_batch_b"]
+        out.append(f"mean policy batch {a:.1f} / {b:.1f}")
     if "prompt_tokens_b" in e:
         out.append(f"prompt tokens {e['prompt_tokens_a']:.0f} / {e['prompt_tokens_b']:.0f}")
         if e["prm_tokens_b"]:  # the verifier encodes nothing
             out.append(f"PRM tokens {e['prm_tokens_a']:.0f} / {e['prm_tokens_b']:.0f}")
+    if "tokens_per_s_b" in e:  # rows 7-8 (engine_bench)
+        out.append(f"tokens/s {e['tokens_per_s_a']:.1f} / {e['tokens_per_s_b']:.1f}")
+        a, b = e["prompt_tokens_encoded_a"], e["prompt_tokens_encoded_b"]
+        out.append(f"prompt tokens encoded {a:.0f} / {b:.0f}")
+    if "identical_steps_share" in e:
+        out.append(f"identical steps {e['identical_steps_share']:.0%}")
     return out

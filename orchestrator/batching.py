@@ -46,6 +46,10 @@ class RequestBatcher(Generic[Req, Out]):
     in size (`max_cost` by `cost`, e.g. characters of prefix), so one search's long prefill never
     holds a worker for the others' time.
 
+    Calls go one at a time by default (`max_in_flight=1`: an engine that runs one batch at a
+    time, so what arrives during a call joins the next); an engine that batches continuously
+    takes up to `max_in_flight` overlapping calls, with no window (`max_wait_s=0`).
+
     A caller's requests stay together in one call unless they alone exceed a bound. Each caller
     gets its own outcome: the worker's per-request results, or, when the whole call raised, the
     error of a call that held its requests alone (the batch is bisected by caller until the
@@ -61,9 +65,10 @@ class RequestBatcher(Generic[Req, Out]):
         *,
         cost: Callable[[Req], int] | None = None,
         max_cost: int | None = None,
+        max_in_flight: int = 1,
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if max_batch < 1 or max_in_flight < 1:
+            raise ValueError("max_batch and max_in_flight must be >= 1")
         if max_cost is not None and (max_cost < 1 or cost is None):
             raise ValueError("max_cost needs a cost function and must be >= 1")
         self._call = call
@@ -71,8 +76,11 @@ class RequestBatcher(Generic[Req, Out]):
         self.max_wait_s = max_wait_s
         self._cost = cost
         self.max_cost = max_cost
+        self.max_in_flight = max_in_flight
         self._pending: deque[_Pending[Req, Out]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._calls: set[asyncio.Task[None]] = set()
+        """Overlapping calls running now (at most `max_in_flight`; unused at 1)."""
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         """Sizes of the most recent calls (bounded: a server runs for weeks)."""
         self.on_batch: Callable[[int], None] | None = None
@@ -114,14 +122,24 @@ class RequestBatcher(Generic[Req, Out]):
 
     async def _run(self) -> None:
         """Wait out the window, dispatch everything pending, repeat; exit when idle (the next
-        submit starts a new run), so no task outlives its work or its event loop."""
+        submit starts a new run), so no task outlives its work or its event loop. A batch is
+        taken only once a call slot is free, so what arrives meanwhile joins it."""
         while self._pending:
             if self.max_wait_s > 0 and self._queued() < self.max_batch:
                 await asyncio.sleep(self.max_wait_s)
             while self._pending:
+                if self.max_in_flight == 1:
+                    batch = self._take()
+                    if batch:
+                        await self._dispatch(batch)
+                    continue
+                while len(self._calls) >= self.max_in_flight:
+                    await asyncio.wait(self._calls, return_when=asyncio.FIRST_COMPLETED)
                 batch = self._take()
                 if batch:
-                    await self._dispatch(batch)
+                    call = asyncio.get_running_loop().create_task(self._dispatch(batch))
+                    self._calls.add(call)
+                    call.add_done_callback(self._calls.discard)
 
     def _queued(self) -> int:
         return sum(len(p.requests) for p in self._pending)

@@ -62,7 +62,7 @@ from lodestar.orchestrator.state_store import (
     StreamClosed,
 )
 from lodestar.workers.intake import ProblemIntake, ProblemRefused
-from lodestar.workers.messages import ErrorKind, prompt_from_json
+from lodestar.workers.messages import ErrorKind, Prompt, prompt_from_json
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +148,11 @@ def progress_event(algorithm: SearchAlgorithm[Any, Any], state: Any, generation:
     }
 
 
-def _initial_checkpoint(spec: JobSpec) -> bytes:
-    """Validate a job's spec in full by building the algorithm's initial state; returns it
-    serialised, the job's generation-0 checkpoint."""
+def _initial_checkpoint(spec: JobSpec, problem: Prompt | None = None) -> bytes:
+    """Validate a job's spec in full by building the algorithm's initial state (on `problem`
+    when given, else the spec's); returns it serialised, the job's generation-0 checkpoint."""
     try:
-        problem = prompt_from_json(spec.problem)
+        problem = prompt_from_json(spec.problem) if problem is None else problem
     except ValueError as e:
         raise ParamError("problem", str(e)) from None
     algorithm, state = start_search(spec.algorithm, problem, spec.params, spec.seed, spec.budget)
@@ -301,13 +301,20 @@ class Orchestrator:
     def check(self, spec: JobSpec) -> bytes:
         """Everything that can be checked before a search is stored: the spec (parameters,
         budget, seed) and the problem against the served models. Raises `ParamError`. Returns
-        the generation-0 checkpoint the check built, which submit stores with the job."""
+        the generation-0 checkpoint the check built, which submit stores with the job.
+
+        The checkpoint's problem is the one the intake admits, which for the shipped arithmetic
+        models is the canonical expression (`what is 2 + 3?` is searched as `2+3`); the job's
+        spec keeps the client's own text, which is all the API reports back."""
         initial = _initial_checkpoint(spec)
         if self.intake is not None:
+            sent = prompt_from_json(spec.problem)
             try:
-                self.intake.check(prompt_from_json(spec.problem))
+                admitted = self.intake.admit(sent)
             except ProblemRefused as e:
                 raise ParamError(e.field, e.message) from None
+            if admitted != sent:
+                initial = _initial_checkpoint(spec, admitted)
         return initial
 
     async def submit(self, spec: JobSpec, timeout_s: float | None = None) -> JobRecord:

@@ -1,31 +1,34 @@
 """Workers in this process: the engines behind the same `Workers` interface as the Ray pool.
 
 The runtime for one-machine commands (`lodestar solve`, `eval`, `bench`) and single-process
-tests. An engine is synchronous torch code, so each call runs in a worker thread and calls are
-serialised per engine (one forward loop at a time, as on a Ray actor).
+tests. An engine's calls are synchronous, so each runs in a worker thread: one at a time for an
+engine that runs one batch at a time (one forward loop, as on a Ray actor), up to
+`CONCURRENT_CALLS` at once for a concurrent one (vLLM), whose requests then go to its scheduler
+as they arrive.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from lodestar.orchestrator.batching import RequestBatcher, SearchScope, request_chars
-from lodestar.workers.contract import PolicyEngine, RewardEngine, host_info
+from lodestar.workers.contract import CONCURRENT_CALLS, PolicyEngine, RewardEngine, host_info
 
 T = TypeVar("T")
 
 
 class _InThread:
-    """One engine's calls, one at a time, each in a worker thread (the event loop stays free)."""
+    """One engine's calls, each in a thread of its own pool (the event loop stays free)."""
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
+    def __init__(self, engine: PolicyEngine | RewardEngine, role: str) -> None:
+        self.calls = CONCURRENT_CALLS if engine.concurrent else 1
+        self.threads = ThreadPoolExecutor(self.calls, thread_name_prefix=role)
 
     async def run(self, method: Callable[..., T], *args: Any) -> T:
-        async with self.lock:
-            return await asyncio.to_thread(method, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.threads, method, *args)
 
 
 class LocalWorkers:
@@ -40,8 +43,7 @@ class LocalWorkers:
         max_call_chars: int | None = 1_000_000,
     ) -> None:
         self.policy, self.reward = policy, reward
-        self._policy, self._reward = _InThread(), _InThread()
-        bounds = dict(cost=request_chars, max_cost=max_call_chars)
+        self._policy, self._reward = _InThread(policy, "policy"), _InThread(reward, "reward")
 
         async def extend(requests: list[Any]) -> list[Any]:
             return await self._policy.run(policy.extend, requests)
@@ -49,8 +51,13 @@ class LocalWorkers:
         async def score(requests: list[Any]) -> list[Any]:
             return await self._reward.run(reward.score, requests)
 
-        self.policy_batcher = RequestBatcher(extend, max_batch, max_wait_s, **bounds)
-        self.reward_batcher = RequestBatcher(score, max_batch, max_wait_s, **bounds)
+        def batcher(call: Any, threads: _InThread) -> RequestBatcher[Any, Any]:
+            wait = max_wait_s if threads.calls == 1 else 0.0  # no window before a scheduler
+            bounds = dict(cost=request_chars, max_cost=max_call_chars)
+            return RequestBatcher(call, max_batch, wait, max_in_flight=threads.calls, **bounds)
+
+        self.policy_batcher = batcher(extend, self._policy)
+        self.reward_batcher = batcher(score, self._reward)
 
     def scope(self, search_id: str) -> SearchScope:
         return SearchScope(search_id, self.policy_batcher.submit, self.reward_batcher.submit)
@@ -68,4 +75,6 @@ class LocalWorkers:
         await self._reward.run(self.reward.release_prefix, prefix)
 
     def shutdown(self) -> None:
-        """Nothing to stop: the engines go with this process."""
+        """The threads go; the engines go with this process."""
+        self._policy.threads.shutdown(wait=False)
+        self._reward.threads.shutdown(wait=False)

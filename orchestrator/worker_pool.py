@@ -4,7 +4,8 @@ Each actor gets its own `RequestBatcher` per role, so the requests of every sear
 merge into one actor call per window. A search is pinned to one policy actor and one reward actor
 for as long as it runs here (its KV caches live there); new searches go to the actor with the
 fewest live searches. In `combined` mode each actor holds both models (one per GPU when both fit)
-and a search's two roles land on the same actor.
+and a search's two roles land on the same actor. A policy split across k GPUs
+(`models.tensor_parallel_size` = k) runs in an actor of its own placement group of k bundles.
 
 Actor failures are Ray's to absorb: `max_restarts` brings a killed actor back (models reloaded,
 caches empty) and `max_task_retries` re-sends the calls it lost; a retried call gives the same
@@ -21,10 +22,13 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from lodestar.orchestrator.batching import RequestBatcher, SearchScope, request_chars
 from lodestar.orchestrator.errors import WorkersUnavailable
 from lodestar.workers.actors import CONTROL, ModelHost, Role
+from lodestar.workers.contract import CONCURRENT_CALLS
 from lodestar.workers.factory import ModelConfig
 from lodestar.workers.messages import (
     ExtendRequest,
@@ -45,7 +49,8 @@ class PoolConfig:
     """Ignored in combined mode (every actor holds both models)."""
     combined: bool = False
     num_gpus: float = 0.0
-    """GPUs per actor; fractional shares one GPU (0.5: two actors per GPU). 0 on CPU nodes."""
+    """GPUs per actor; fractional shares one GPU (0.5: two actors per GPU). 0 on CPU nodes.
+    With `models.tensor_parallel_size` > 1, GPUs per rank of a policy actor: 1 or 0."""
     num_cpus: float = 1.0
     threads: int | None = None
     """torch threads per actor; None keeps torch's default (all cores of the node)."""
@@ -75,6 +80,24 @@ class PoolConfig:
             raise ValueError("max_call_chars must be >= 1")
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
             raise ValueError("call_timeout_s must be > 0")
+        if self.models.tensor_parallel_size > 1:
+            if self.combined:  # the PRM would run in the policy's GPU-less actor process
+                raise ValueError("tensor_parallel_size > 1 needs separate reward actors")
+            if self.num_gpus not in (0, 1):
+                raise ValueError("with tensor_parallel_size > 1, num_gpus (per rank) is 1 or 0")
+            if self.num_gpus == 0 and self.num_cpus <= 0:
+                raise ValueError("tensor_parallel_size > 1 on CPUs needs num_cpus > 0")
+
+
+def tensor_parallel_bundles(config: PoolConfig) -> list[dict[str, float]] | None:
+    """The placement group of one policy actor: a bundle per tensor-parallel rank, {"GPU": 1,
+    "CPU": num_cpus} (CPU only on CPU nodes); None at tensor_parallel_size 1, where the actor
+    asks for `num_gpus` itself. It does not depend on the engine; only vLLM uses more than one."""
+    ranks = config.models.tensor_parallel_size
+    if ranks == 1:
+        return None
+    bundle = {"GPU": config.num_gpus, "CPU": config.num_cpus}
+    return [{k: v for k, v in bundle.items() if v > 0} for _ in range(ranks)]
 
 
 class _Member:
@@ -111,15 +134,32 @@ class RayWorkerPool:
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config = config or PoolConfig()
-        actor_cls = ray.remote(concurrency_groups={CONTROL: 1})(ModelHost).options(
+        actor_cls = ray.remote(concurrency_groups={CONTROL: 1})(ModelHost)
+        options: dict[str, Any] = dict(
+            max_concurrency=CONCURRENT_CALLS,
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
             max_restarts=config.max_restarts,
             max_task_retries=config.max_task_retries,
         )
+        self._groups: list[Any] = []
+        """Placement groups of tensor-parallel policy actors, removed at `shutdown`."""
 
         def spawn(roles: tuple[Role, ...]) -> _Member:
-            handle = actor_cls.remote(config.models, roles, config.threads)
+            bundles = tensor_parallel_bundles(config) if "policy" in roles else None
+            placed = options
+            if bundles is not None:
+                # On one node (STRICT_PACK). The actor holds no GPU of its own and still sees the
+                # node's (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone at 0 GPUs); vLLM takes the
+                # group it runs in (ray.util.get_current_placement_group) and puts one worker on
+                # each GPU bundle.
+                group = placement_group(bundles, strategy="STRICT_PACK")
+                self._groups.append(group)
+                strategy = PlacementGroupSchedulingStrategy(
+                    group, placement_group_capture_child_tasks=True
+                )
+                placed = options | dict(num_gpus=0, scheduling_strategy=strategy)
+            handle = actor_cls.options(**placed).remote(config.models, roles, config.threads)
             return _Member(handle, roles, config)
 
         n_policy = config.policy_workers
@@ -143,8 +183,16 @@ class RayWorkerPool:
         return [m.handle for m in self.members]
 
     async def ready(self) -> list[dict[str, Any]]:
-        """Wait until every actor has loaded its models; returns each actor's `info()`."""
-        return list(await asyncio.gather(*(m.handle.info.remote() for m in self.members)))
+        """Wait until every actor has loaded its models; returns each actor's `info()`. The
+        engine is known only now (`auto` picks it on the actor's node), and so is whether an
+        actor takes overlapping calls: its batchers are set to match."""
+        members = self.members
+        infos = list(await asyncio.gather(*(m.handle.info.remote() for m in members)))
+        for m, info in zip(members, infos, strict=True):
+            for role, batcher in (("policy", m.extend), ("reward", m.score)):
+                if info["concurrent"].get(role):
+                    batcher.max_wait_s, batcher.max_in_flight = 0.0, CONCURRENT_CALLS
+        return infos
 
     def scope(self, search_id: str) -> SearchScope:
         if search_id in self._assigned:
@@ -205,3 +253,6 @@ class RayWorkerPool:
             dropping.cancel()
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
+        for group in self._groups:  # and with them any vLLM workers placed in them
+            remove_placement_group(group)
+        self._groups.clear()

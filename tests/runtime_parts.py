@@ -28,6 +28,8 @@ CACHE_DEPENDENT_SPEND = ("prompt_tokens", "prm_tokens")
 class Paced:
     """A policy worker that sleeps `delay_s` before every `extend`."""
 
+    concurrent = False
+
     def __init__(self, worker: Any, delay_s: float) -> None:
         self.worker = worker
         self.delay_s = delay_s

@@ -91,3 +91,51 @@ def test_scoped_concurrent_searches_equal_their_sequential_results():
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError):
         RequestBatcher(lambda xs: xs, max_batch=0)
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_calls_overlap_up_to_max_in_flight_and_no_further(in_flight):
+    """One call at a time for an engine that runs one batch at a time; up to `max_in_flight`
+    overlapping calls, each dispatched as it arrives, for a concurrent engine (vLLM)."""
+    running, peak, calls = 0, 0, []
+
+    async def slow(xs: list[int]) -> list[int]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        calls.append(list(xs))
+        await asyncio.sleep(0.02)
+        running -= 1
+        return [-x for x in xs]
+
+    async def main():
+        batcher = RequestBatcher(slow, max_batch=1, max_wait_s=0.0, max_in_flight=in_flight)
+        return await asyncio.gather(*(batcher.submit([i]) for i in range(8)))
+
+    assert asyncio.run(main()) == [[-i] for i in range(8)]
+    assert peak == in_flight and sorted(calls) == [[i] for i in range(8)]
+
+
+def test_one_call_at_a_time_takes_what_arrived_during_the_last_into_the_next():
+    """While a call runs, new callers queue and all go together in the next call."""
+    calls: list[list[int]] = []
+
+    async def slow(xs: list[int]) -> list[int]:
+        calls.append(list(xs))
+        await asyncio.sleep(0.02)
+        return xs
+
+    async def main():
+        batcher = RequestBatcher(slow, max_wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit([0]))
+        await asyncio.sleep(0.005)  # the first call is running now
+        rest = await asyncio.gather(*(batcher.submit([i]) for i in range(1, 5)))
+        return [await first, *rest]
+
+    assert asyncio.run(main()) == [[i] for i in range(5)]
+    assert calls == [[0], [1, 2, 3, 4]]
+
+
+def test_max_in_flight_must_be_positive():
+    with pytest.raises(ValueError):
+        RequestBatcher(lambda xs: xs, max_in_flight=0)

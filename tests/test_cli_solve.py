@@ -44,4 +44,13 @@ def test_a_problem_the_served_models_refuse_is_a_bad_argument_naming_the_field()
     """`solve` submits through the orchestrator, so the submit-time intake applies to it too."""
     out = runner.invoke(app, ["solve", "what is the capital of France?"])
     assert out.exit_code == 2, out.output
-    assert "problem" in out.output and "arithmetic only" in out.output
+    assert "problem" in out.output and "integers 0-99" in out.output
+
+
+def test_a_bad_vllm_memory_setting_is_a_usage_error_naming_the_flag_before_any_model_loads():
+    out = runner.invoke(app, ["solve", "1+1", "--gpu-memory-utilization", "1.5"])
+    assert out.exit_code == 2, out.output
+    assert "--gpu-memory-utilization" in out.output and "(0, 1]" in out.output
+    out = runner.invoke(app, ["solve", "1+1", "--max-model-len", "0"])
+    assert out.exit_code == 2, out.output
+    assert "--max-model-len" in out.output

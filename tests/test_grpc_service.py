@@ -581,6 +581,8 @@ class GoneWorker:
     """A policy whose worker has died for good (what the Ray pool raises once restarts and
     retries run out, see test_distributed.py); here only the status-code mapping is under test."""
 
+    concurrent = False
+
     def extend(self, requests: Any) -> Any:
         from lodestar.orchestrator.batching import WorkersUnavailable
 

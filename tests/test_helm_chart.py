@@ -133,6 +133,11 @@ def test_the_checks_catch_what_the_api_server_would_reject_or_silently_drop() ->
     [
         ({"gateway": {"replica": 2}}, "at '/gateway': additional properties 'replica' not allowed"),
         ({"actors": {"numGpus": "one"}}, "at '/actors/numGpus': got string, want number"),
+        ({"actors": {"tensorParallelSize": 0}}, "at '/actors/tensorParallelSize'"),
+        ({"actors": {"gpuMemoryUtilization": 1.5}}, "at '/actors/gpuMemoryUtilization'"),
+        ({"actors": {"gpuMemoryUtilization": 0}}, "at '/actors/gpuMemoryUtilization'"),
+        ({"actors": {"maxModelLen": 0}}, "at '/actors/maxModelLen'"),
+        ({"actors": {"maxModelLen": 4096.5}}, "at '/actors/maxModelLen'"),
         ({"worker": {"groupName": "GPU_1"}}, "at '/worker/groupName'"),
         ({"batch": {"algorithm": "pff"}}, "at '/batch/algorithm'"),
         (
@@ -197,6 +202,10 @@ def test_gateway_runs_lodestar_serve_against_the_clusters_head_service(rendered)
     assert params["host"] == "0.0.0.0"
     assert params["num_gpus"] == values["actors"]["numGpus"]
     assert params["policy_workers"] == values["actors"]["policyWorkers"]
+    assert params["engine"] == values["actors"]["engine"] == ("vllm" if name == "gpu" else "hf")
+    assert params["tensor_parallel_size"] == values["actors"]["tensorParallelSize"] == 1
+    assert params["gpu_memory_utilization"] == 0.85  # unset (default) or set to the default (gpu)
+    assert params["max_model_len"] is None
     # Probes hit a port the server binds: the gRPC port, or with TLS (Kubernetes' gRPC probes
     # speak none) the plaintext health port; liveness asks for the status loading never fails.
     grpc_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "grpc")
@@ -209,6 +218,27 @@ def test_gateway_runs_lodestar_serve_against_the_clusters_head_service(rendered)
     assert container["livenessProbe"]["grpc"] == {"port": probe_port, "service": LIVENESS}
     service = one(docs, "Service", "gateway")
     assert {"name": "grpc", "targetPort": "grpc"}.items() <= service["spec"]["ports"][0].items()
+
+
+def test_vllm_memory_settings_reach_the_gateway_and_batch_commands_only_when_set(
+    tmp_path: Path,
+) -> None:
+    """actors.gpuMemoryUtilization / maxModelLen become --gpu-memory-utilization /
+    --max-model-len of `lodestar serve` and `lodestar batch run`; unset, neither flag is there."""
+    actors = {"engine": "vllm", "gpuMemoryUtilization": 0.6, "maxModelLen": 1_048_576}
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('"1+2"\n')
+    batch = {"enabled": True, "input": str(problems), "output": str(tmp_path / "out.jsonl")}
+    docs = render({"actors": actors, "batch": batch})
+    gateway = gateway_container(docs)
+    entrypoint = shlex.split(one(docs, "RayJob")["spec"]["entrypoint"])
+    for argv in (gateway["command"] + gateway["args"], entrypoint):
+        _, params = parse(argv)
+        assert params["gpu_memory_utilization"] == 0.6
+        assert params["max_model_len"] == 1_048_576  # an integer, not Go's 1.048576e+06
+    plain = gateway_container(render())
+    argv = plain["command"] + plain["args"]
+    assert "--gpu-memory-utilization" not in argv and "--max-model-len" not in argv
 
 
 def test_a_tls_secret_is_mounted_and_served_and_probes_move_to_the_plaintext_health_port() -> None:

@@ -26,7 +26,7 @@ from lodestar.services.server import LodestarServer, ServerConfig
 from lodestar.v1 import search_pb2 as pb
 from lodestar.v1 import search_pb2_grpc as pb_grpc
 from lodestar.workers.factory import ModelConfig, build_intake
-from lodestar.workers.intake import ProblemIntake
+from lodestar.workers.intake import ProblemIntake, ProblemLimits
 from lodestar.workers.messages import ErrorKind, ExtendRequest
 from lodestar.workers.verifier import NOT_ARITHMETIC
 from tests.runtime_parts import assert_same_results, comparable, problem_specs, shipped_workers
@@ -195,6 +195,8 @@ class Poisoned:
     """A policy whose whole call raises (with a traceback, a path and an address in the text)
     whenever one marked problem is in it: a failure the worker cannot pin on a request."""
 
+    concurrent = False
+
     def __init__(self, worker: Any, marker: str) -> None:
         self.worker = worker
         self.marker = marker
@@ -236,7 +238,7 @@ def test_the_intake_refuses_what_the_served_models_cannot_take(intake) -> None:
     cases = {
         SECRET: "problem",
         "1" * 1_000_000: "problem.text",
-        "+".join(["1"] * 100): "problem.text",  # arithmetic, but past the policy's tokens
+        "+".join(["1"] * 100): "problem",  # arithmetic, but past the shipped policy's domain
         tuple(ChatMessage("user", "1+1") for _ in range(65)): "problem.chat.messages",
         (ChatMessage("x" * 33, "1+1"),): "problem.chat.messages[0].role",
     }
@@ -247,6 +249,10 @@ def test_the_intake_refuses_what_the_served_models_cannot_take(intake) -> None:
         assert time.perf_counter() - started < 1.0
         assert info.value.field == field
         assert_client_safe(str(info.value), SECRET)
+    tight = build_intake(ModelConfig(), ProblemLimits(max_problem_tokens=8))
+    with pytest.raises(ProblemRefused, match="tokens for the served policy") as info:
+        tight.check("(7+5)*3-4")  # in the domain, but past a server's token limit
+    assert info.value.field == "problem.text"
 
 
 # -- a real server with the submit-time checks -------------------------------------------------
@@ -308,7 +314,8 @@ def test_fifty_good_searches_and_a_bad_one_submitted_together(models, intake) ->
     good, bad, stored = serve(models, intake, client)
     assert all(isinstance(r, pb.SearchResult) for r in good), [r for r in good if type(r) is tuple]
     assert [r.search_id for r in good] == [f"good-{i}" for i in range(50)]
-    assert bad[0] is Code.INVALID_ARGUMENT and bad[1].startswith("problem: the verifier")
+    assert bad[0] is Code.INVALID_ARGUMENT and bad[1].startswith("problem: ")
+    assert "the shipped arithmetic models take" in bad[1]
     assert_client_safe(bad[1], SECRET, *(f"good-{i}" for i in range(50)))
     assert stored[0] is Code.NOT_FOUND  # refused before anything was stored
 
@@ -335,7 +342,7 @@ def test_huge_problems_are_refused_at_once_while_canaries_run(models, intake) ->
     assert refused_in < 1.0
     assert [code for code, _ in huge] == [Code.INVALID_ARGUMENT] * 3
     assert huge[0][1].startswith("problem.text: 1000000 characters, at most")
-    assert huge[1][1].startswith("problem.text: ") and "tokens" in huge[1][1]
+    assert huge[1][1].startswith("problem: 199 operations, at most 5")  # the shipped domain
     assert huge[2][1].startswith("params.pf.step_delimiter")
     assert all(isinstance(r, pb.SearchResult) for r in canaries_out)
 

@@ -152,6 +152,8 @@ def fresh(worker: PolicyWorker, cache_tokens: int = 32_768) -> PolicyWorker:
 class LengthReward:
     """Scripted stand-in for a PRM: a longer step scores higher, capped at 1."""
 
+    concurrent = False
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores]:
         return [
             StepScores(r.seq_id, tuple(min(1.0, 0.1 + len(s) / 100) for s in r.steps), 0)
@@ -164,6 +166,8 @@ class LengthReward:
 
 class StatsPerCall:
     """The worker, recording its cache counters after every `extend`."""
+
+    concurrent = False
 
     def __init__(self, worker: PolicyWorker) -> None:
         self.worker = worker

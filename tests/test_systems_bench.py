@@ -11,6 +11,7 @@ import math
 import pytest
 from rich.console import Console
 
+from lodestar.evaluation.its_hub_adapter import ALGORITHMS
 from lodestar.evaluation.systems import BenchOptions, Row, run_bench
 
 SECTIONS = {
@@ -19,7 +20,7 @@ SECTIONS = {
     3: "incremental PRM scoring",
     4: "in-process vs service",
     5: "cross-search batching",
-    6: "its_hub-style access",
+    6: "its_hub 1.2.0 vs Lodestar",
 }
 
 
@@ -33,7 +34,8 @@ def test_quick_bench_measures_every_row_and_its_checks_hold() -> None:
 
     assert {r.section: r.name for r in rows} == SECTIONS
     counts = {s: sum(r.section == s for r in rows) for s in SECTIONS}
-    assert counts == {1: 2, 2: 1, 3: len(sized.steps), 4: 1, 5: len(sized.concurrency), 6: 2}
+    peers = 2 * len(ALGORITHMS)  # its_hub vs Lodestar per algorithm, 1 and n live
+    assert counts == {1: 2, 2: 1, 3: len(sized.steps), 4: 1, 5: len(sized.concurrency), 6: peers}
     for r in rows:
         for value in (r.a_s, r.b_s, r.ratio):
             assert math.isfinite(value) and value > 0, r
@@ -48,6 +50,12 @@ def test_quick_bench_measures_every_row_and_its_checks_hold() -> None:
     assert deepest.a_s < deepest.b_s  # cached per-step cost below full rescoring's
     for r in prm:  # incremental encodes each token once; full rescoring re-encodes prefixes
         assert r.extra["tokens_cached"] < r.extra["tokens_full"]
+
+    for r in (r for r in rows if r.section == 6):
+        assert 0 <= r.extra["accuracy_a"] <= 1 and 0 <= r.extra["accuracy_b"] <= 1, r
+        if r.setting.startswith(f"{sized.problems} PF") and ", 1 live" in r.setting:
+            # its_hub's PF, alone on the engines, sends each step's particles in one call
+            assert r.extra["mean_policy_batch_b"] > 1, r
 
     doc = json.loads(json.dumps([dataclasses.asdict(r) for r in rows]))  # what --json writes
     assert [Row(**d) for d in doc] == rows

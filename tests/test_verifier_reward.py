@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -116,7 +117,8 @@ def test_no_steps_gives_no_rewards() -> None:
 
 def test_it_serves_the_async_reward_protocol_in_process() -> None:
     reward = VerifierReward()
-    scope = LocalWorkers(policy=None, reward=reward).scope("s")  # type: ignore[arg-type]
+    unused = SimpleNamespace(concurrent=False)  # a policy this test never calls
+    scope = LocalWorkers(policy=unused, reward=reward).scope("s")  # type: ignore[arg-type]
     out = asyncio.run(scope.score([req(GOOD)]))
     assert out[0].rewards == (1.0, 1.0, 1.0)
     assert reward.stats() == {"requests": 1, "steps": 3}

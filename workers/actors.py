@@ -1,7 +1,10 @@
 """The Ray actor that holds models: a policy, a reward, or both (one combined actor per GPU).
 
 `ModelHost` is a plain class; `worker_pool` turns it into actors with `num_gpus`, `num_cpus`,
-`max_restarts` and `max_task_retries`. A restart re-runs `__init__`, so everything here is
+`max_restarts`, `max_task_retries` and `CONCURRENT_CALLS` call threads: the engines that run one
+batch at a time take their calls one at a time (one lock for all of them, so a combined actor's
+policy and PRM never run at once on its threads), a concurrent engine (vLLM) takes them as they
+come. A restart re-runs `__init__`, so everything here is
 rebuildable: the models reload from their directories and the KV caches start empty (a miss is
 always correct). Methods are idempotent for the same reason Ray may call them twice: sampling is
 seeded per request, so a retried `extend` returns what the first attempt would have.
@@ -12,13 +15,15 @@ The device is chosen inside the actor: Ray sets CUDA_VISIBLE_DEVICES to the GPUs
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import ray
 import torch
 
-from lodestar.workers.contract import host_info
+from lodestar.workers.contract import PolicyEngine, RewardEngine, host_info
 from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import (
     ExtendRequest,
@@ -35,7 +40,7 @@ CONTROL = "control"
 
 
 class ModelHost:
-    """Serves `extend` and/or `score` for the searches routed to it; one call at a time."""
+    """Serves `extend` and/or `score` for the searches routed to it."""
 
     def __init__(self, config: ModelConfig, roles: Sequence[Role], threads: int | None = None):
         unknown = set(roles) - {"policy", "reward"}
@@ -46,20 +51,32 @@ class ModelHost:
         self.roles = tuple(roles)
         self.policy = build_policy(config) if "policy" in roles else None
         self.reward = build_reward(config) if "reward" in roles else None
+        self._one_at_a_time = threading.Lock()
+
+    def _turn(self, engine: PolicyEngine | RewardEngine) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext() if engine.concurrent else self._one_at_a_time
 
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
         if self.policy is None:
             raise RuntimeError("this worker holds no policy")
-        return self.policy.extend(requests)
+        with self._turn(self.policy):
+            return self.policy.extend(requests)
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
         if self.reward is None:
             raise RuntimeError("this worker holds no reward model")
-        return self.reward.score(requests)
+        with self._turn(self.reward):
+            return self.reward.score(requests)
 
     def release_prefix(self, prefix: str) -> int:
-        """Drop one search's caches from every model held here; returns how many."""
-        return sum(m.release_prefix(prefix) for m in (self.policy, self.reward) if m is not None)
+        """Drop one search's caches from every model held here (after the call running on
+        one, or at once on a concurrent engine: it aborts the search's requests); how many."""
+        dropped = 0
+        for engine in (self.policy, self.reward):
+            if engine is not None:
+                with self._turn(engine):
+                    dropped += engine.release_prefix(prefix)
+        return dropped
 
     @ray.method(concurrency_group=CONTROL)
     def info(self) -> dict[str, Any]:
@@ -69,4 +86,5 @@ class ModelHost:
         return host_info(self.policy, self.reward) | {
             "node_id": node,
             "gpu_ids": list(map(str, gpus)),
+            "placement_group_id": ray.get_runtime_context().get_placement_group_id(),
         }

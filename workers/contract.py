@@ -1,9 +1,12 @@
 """The worker contract: what a model engine serves and what a search awaits, stated once.
 
-An engine (`PolicyEngine`, `RewardEngine`) is synchronous model code that answers one batch at a
-time: on a Ray actor (`actors.ModelHost`) or in a worker thread of this process
-(`orchestrator.inprocess`). The HF engines (`policy.PolicyWorker`, `reward.RewardWorker`,
-`verifier.VerifierReward`) implement it today; `factory.build_policy`/`build_reward` choose an
+An engine (`PolicyEngine`, `RewardEngine`) is model code behind a synchronous call, hosted on a
+Ray actor (`actors.ModelHost`) or in this process (`orchestrator.inprocess`). Most answer one
+batch at a time (`concurrent = False`: the HF engines `policy.PolicyWorker`,
+`reward.RewardWorker`, `verifier.VerifierReward`), so the runtime serialises their calls and
+merges what arrives in a short window. A `concurrent` engine (`vllm_policy.VLLMPolicy`) takes
+overlapping calls (up to `CONCURRENT_CALLS` at once per host, each blocking its own thread)
+and schedules each request as it arrives. `factory.build_policy`/`build_reward` choose an
 implementation by `ModelConfig.engine`. A batch reports one outcome per request: a request that
 cannot be served is a `RequestFailed` in its place, never an exception for the whole batch.
 
@@ -26,10 +29,16 @@ from lodestar.workers.messages import (
     StepScores,
 )
 
+CONCURRENT_CALLS = 64
+"""Overlapping calls a host sends a concurrent engine (threads of a Ray actor or of the
+in-process runtime): above the live searches one host serves, so none waits for a thread."""
+
 
 class PolicyEngine(Protocol):
     device: Any
     """Where the model runs (reported by `info`, checked by placement tests)."""
+    concurrent: bool
+    """Whether calls may overlap (continuous batching) or must come one at a time."""
 
     def extend(self, requests: Sequence[ExtendRequest]) -> list[StepOutput | RequestFailed]:
         """The next step of each request, in request order; sampling seeded per request, so a
@@ -37,8 +46,9 @@ class PolicyEngine(Protocol):
         ...
 
     def release_prefix(self, prefix: str) -> int:
-        """Drop the caches of every sequence id starting with `prefix` (one search's);
-        returns how many entries went."""
+        """One search has stopped here: drop the caches of every sequence id starting with
+        `prefix` (a concurrent engine aborts its requests still in flight instead); returns how
+        many entries went."""
         ...
 
     def stats(self) -> dict[str, int]:
@@ -47,6 +57,8 @@ class PolicyEngine(Protocol):
 
 
 class RewardEngine(Protocol):
+    concurrent: bool
+
     def score(self, requests: Sequence[ScoreRequest]) -> list[StepScores | RequestFailed]:
         """One reward per step of each request, in request order."""
         ...
@@ -80,5 +92,6 @@ def host_info(policy: PolicyEngine | None, reward: RewardEngine | None) -> dict[
         "device": str(policy.device) if policy is not None else "cpu",
         "torch_threads": torch.get_num_threads(),
         "roles": roles,
+        "concurrent": {role: held[role].concurrent for role in roles},  # type: ignore[union-attr]
         "stats": {role: held[role].stats() for role in roles},  # type: ignore[union-attr]
     }

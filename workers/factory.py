@@ -4,6 +4,7 @@ implementation of the worker contract (`workers.contract`); "hf" (transformers) 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -35,11 +36,28 @@ class ModelConfig:
     """vLLM: the longest sequence it reserves KV cache for (None: the model's context)."""
     gpu_memory_utilization: float = 0.85
     """vLLM: the share of a GPU its engine may take (weights + KV cache)."""
+    tensor_parallel_size: int = 1
+    """vLLM: GPUs one policy is split across (on Ray: a placement group of that many bundles,
+    `worker_pool.tensor_parallel_bundles`). The HF engine runs on one device: > 1 needs "vllm"
+    or "auto"."""
 
     def __post_init__(self) -> None:
         if self.engine != "auto" and self.engine not in ENGINES:
             known = ", ".join([*ENGINES, "auto"])
             raise ValueError(f"unknown engine {self.engine!r} (known: {known})")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 or None, got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.tensor_parallel_size > 1 and self.engine == "hf":
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} needs the vllm engine "
+                "(the hf engine runs on one device)"
+            )
 
 
 def policy_dir(config: ModelConfig) -> Path:
@@ -82,15 +100,26 @@ def hf_policy(config: ModelConfig) -> PolicyEngine:
 
 def build_intake(config: ModelConfig, limits: ProblemLimits | None = None) -> ProblemIntake:
     """The submit-time check for these models: the policy's tokenizer (no weights) measures a
-    problem, and the verifier reward refuses what is not arithmetic."""
+    problem, and the shipped arithmetic parts refuse what they cannot take.
+
+    Where the shipped policy serves (`policy` None), a problem is read as a user types it and
+    must be in its domain (`tasks.arithmetic.SHIPPED_DOMAIN`); where the verifier is the reward,
+    it must be arithmetic the verifier scores. Either way the search runs on the canonical
+    expression, the only spelling the char-level policy was trained on (`2 + 3 * 4` would read
+    as nonsense) and the one the verifier checks steps against. A real policy with a PRM gets
+    the client's text untouched: it reads spacing and prose, and may be asked anything."""
     from lodestar.workers.loading import load_tokenizer
     from lodestar.workers.prompt_format import PolicyPrompts
-    from lodestar.workers.verifier import accepts_prompt
+    from lodestar.workers.verifier import accepts_prompt, canonical_prompt
 
     path = policy_dir(config)
-    accepts = accepts_prompt if str(config.reward) == "verifier" else None
+    shipped_policy, verifier = config.policy is None, str(config.reward) == "verifier"
+    accepts = canonical = None
+    if shipped_policy or verifier:
+        accepts = functools.partial(accepts_prompt, bounded=shipped_policy)
+        canonical = canonical_prompt
     prompts = PolicyPrompts(load_tokenizer(path))
-    return ProblemIntake(limits, prompts, context_of(path), accepts)
+    return ProblemIntake(limits, prompts, context_of(path), accepts, canonical)
 
 
 def prm_settings(path: Path, family: str | None) -> dict[str, Any]:
@@ -133,6 +162,7 @@ def vllm_policy(config: ModelConfig) -> PolicyEngine:
         dtype=dtypes.get(config.dtype or "", config.dtype),
         max_model_len=config.max_model_len,
         gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
     )
 
 

@@ -5,6 +5,8 @@ arithmetic only), would otherwise be stored, queued and run, holding a worker, b
 `ProblemIntake.check` refuses it at submit instead, cheaply: characters and message counts
 first (so a megabyte is never tokenized), then the reward's own acceptance, then the problem's
 length in tokens of the served policy (its tokenizer and chat template, loaded without the model).
+`ProblemIntake.admit` also gives the prompt the search runs on: the served task's canonical form
+of the problem where it has one (the shipped arithmetic models), else the client's own text.
 """
 
 from __future__ import annotations
@@ -58,7 +60,8 @@ def default_token_limit(context_tokens: int) -> int:
 
 class ProblemIntake:
     """Checks one problem against the limits and the served models; `check` returns the
-    problem's length in policy tokens, or raises `ProblemRefused`."""
+    problem's length in policy tokens and `admit` the prompt to search, or they raise
+    `ProblemRefused`."""
 
     def __init__(
         self,
@@ -66,16 +69,28 @@ class ProblemIntake:
         prompts: PolicyPrompts | None = None,
         context_tokens: int | None = None,
         accepts: Callable[[Prompt], str | None] | None = None,
+        canonical: Callable[[Prompt], Prompt] | None = None,
     ) -> None:
         self.limits = limits = limits or ProblemLimits()
         self.prompts = prompts
         self.accepts = accepts
-        """The reward's check: None when it can score the prompt, else why not (client-safe)."""
+        """The served task's check: None when it can take the prompt, else why not
+        (client-safe)."""
+        self.canonical = canonical
+        """An accepted prompt as the served models read it (None: the prompt as sent)."""
         self.max_tokens = limits.max_problem_tokens
         if self.max_tokens is None and context_tokens is not None:
             self.max_tokens = default_token_limit(context_tokens)
 
     def check(self, prompt: Prompt) -> int | None:
+        return self._check(prompt)[1]
+
+    def admit(self, prompt: Prompt) -> Prompt:
+        """The prompt a search on `prompt` runs on, once `check` accepts it."""
+        return self._check(prompt)[0]
+
+    def _check(self, prompt: Prompt) -> tuple[Prompt, int | None]:
+        """(the prompt the search runs on, its length in policy tokens or None)."""
         lim = self.limits
         if isinstance(prompt, str):
             chars, field = len(prompt), "problem.text"
@@ -93,14 +108,16 @@ class ProblemIntake:
             )
         if self.accepts is not None and (why := self.accepts(prompt)) is not None:
             raise ProblemRefused("problem", why)
+        if self.canonical is not None:
+            prompt = self.canonical(prompt)
         if self.prompts is None:
-            return None
+            return prompt, None
         tokens = self.prompts.count(prompt)
         if self.max_tokens is not None and tokens > self.max_tokens:
             raise ProblemRefused(
                 field, f"{tokens} tokens for the served policy, at most {self.max_tokens}"
             )
-        return tokens
+        return prompt, tokens
 
 
 def context_of(model_dir: Path) -> int | None:

@@ -19,7 +19,7 @@ The `mismatches` counter shows how often that happens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -75,6 +75,8 @@ class PolicyWorker:
     generated and paid for).
     """
 
+    concurrent = False  # one forward loop at a time (workers.contract)
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -126,27 +128,28 @@ class PolicyWorker:
         self.calls += 1
         self.requests += len(requests)
         prefixes = self.tokenize([self.prefix_text(r) for r in requests])
-        caps = [token_cap(r) for r in requests]
-        room = [room_left(self.context_tokens, ids) for ids in prefixes]
-        outputs: list[StepOutput | RequestFailed] = [
-            StepOutput(r.seq_id, "", (), 0.0, 0, 0, "length" if cap <= left else "context")
-            for r, cap, left in zip(requests, caps, room, strict=True)
+        budgets = [
+            step_budget(r, self.context_tokens, ids)
+            for r, ids in zip(requests, prefixes, strict=True)
         ]
+        outputs: list[StepOutput | RequestFailed] = [
+            StepOutput(r.seq_id, "", (), 0.0, 0, 0, b.at_limit)
+            for r, b in zip(requests, budgets, strict=True)
+        ]
+        caps = [b.tokens for b in budgets]
         for i, (r, ids) in enumerate(zip(requests, prefixes, strict=True)):
             if not ids:
                 message = "problem: empty prompt, nothing to continue"
                 outputs[i] = RequestFailed(r.seq_id, ErrorKind.INVALID_INPUT, message)
                 caps[i] = 0
-        limited = [left < cap for cap, left in zip(caps, room, strict=True)]
-        caps = [min(cap, left) for cap, left in zip(caps, room, strict=True)]
         live = [i for i, cap in enumerate(caps) if cap > 0]
         if live:
             steps = self._generate(
                 [requests[i] for i in live], [prefixes[i] for i in live], [caps[i] for i in live]
             )
             for i, out in zip(live, steps, strict=True):
-                if limited[i] and out.stop_reason == "length":  # stopped by the context's end
-                    out = replace(out, stop_reason="context")
+                if out.stop_reason == "length":  # the cap, or the context's end if it came first
+                    out = replace(out, stop_reason=budgets[i].at_limit)
                 outputs[i] = out
         return outputs
 
@@ -334,6 +337,22 @@ def room_left(context_tokens: int | None, prefix: list[int]) -> int:
 def token_cap(request: ExtendRequest) -> int:
     cap = request.sampling.max_step_tokens
     return cap if request.max_new_tokens is None else min(cap, request.max_new_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class StepBudget:
+    """How many tokens one step may sample, and what a stop at that bound is called: its cap
+    ("length") or, when the model's context ends first, "context". Both engines use it."""
+
+    tokens: int
+    at_limit: StopReason
+
+
+def step_budget(
+    request: ExtendRequest, context_tokens: int | None, prefix: list[int]
+) -> StepBudget:
+    cap, room = token_cap(request), room_left(context_tokens, prefix)
+    return StepBudget(min(cap, room), "length" if cap <= room else "context")
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

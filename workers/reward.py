@@ -279,6 +279,8 @@ class RewardWorker:
     tokens it encoded for that request (0 for a request whose steps its parent already covered).
     """
 
+    concurrent = False
+
     def __init__(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, config: PRMConfig
     ) -> None:

@@ -12,9 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lodestar.tasks.arithmetic import ArithmeticProblemError, Problem, evaluate_steps, split_steps
-from lodestar.tasks.arithmetic import problem_from_text as _parse
-from lodestar.workers.messages import ErrorKind, Prompt, RequestFailed, ScoreRequest, StepScores
+from lodestar.tasks.arithmetic import (
+    SHIPPED_DOMAIN,
+    OutsideDomain,
+    Problem,
+    evaluate_steps,
+    read_problem,
+    split_steps,
+)
+from lodestar.workers.messages import (
+    ChatMessage,
+    ErrorKind,
+    Prompt,
+    RequestFailed,
+    ScoreRequest,
+    StepScores,
+)
 
 NOT_ARITHMETIC = (
     "problem: the verifier reward scores arithmetic only: integers, + - * and parentheses, "
@@ -24,11 +37,18 @@ NOT_ARITHMETIC = (
 
 
 class NotArithmeticError(ValueError):
-    """A request's prompt is not an arithmetic problem; names the request and the prompt."""
+    """A request's prompt is not an arithmetic problem; names the request and the prompt.
+    `reason` says why without quoting the prompt (client-safe)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def problem_from_prompt(prompt: Prompt) -> Problem:
-    """The problem in a prompt: the expression itself, or the last user message's content.
+def problem_from_prompt(prompt: Prompt, *, bounded: bool = False) -> Problem:
+    """The problem in a prompt: the expression in the text, or in the last user message's
+    content, as a user types it (`tasks.arithmetic.read_problem`: `what is 2 + 3?` is 2+3).
+    `bounded`: only the shipped policy's domain; the verifier itself checks any size.
 
     Raises `NotArithmeticError` when there is no user message or it is not an expression.
     """
@@ -37,22 +57,35 @@ def problem_from_prompt(prompt: Prompt) -> Problem:
     else:
         users = [m.content for m in prompt if m.role == "user"]
         if not users:
-            raise NotArithmeticError(f"no user message in prompt {prompt!r}")
+            raise NotArithmeticError(f"no user message in prompt {prompt!r}", "no user message")
         text = users[-1]
     try:
-        return _parse(text)
-    except ArithmeticProblemError as e:
-        raise NotArithmeticError(str(e)) from e
+        return read_problem(text, bounded=bounded)
+    except OutsideDomain as e:
+        raise NotArithmeticError(str(e), e.reason) from e
 
 
-def accepts_prompt(prompt: Prompt) -> str | None:
-    """None when the verifier can score this prompt, else the client-safe reason: the check
-    `lodestar serve` runs at submit (`workers/intake.py`)."""
+def accepts_prompt(prompt: Prompt, *, bounded: bool = False) -> str | None:
+    """None when the prompt is arithmetic this deployment can take, else the client-safe reason
+    and what it takes: the check `lodestar serve` runs at submit (`workers/intake.py`).
+    `bounded` when the shipped policy serves (`SHIPPED_DOMAIN`), else what the verifier scores."""
     try:
-        problem_from_prompt(prompt)
-    except NotArithmeticError:
-        return NOT_ARITHMETIC.removeprefix("problem: ")
+        problem_from_prompt(prompt, bounded=bounded)
+    except NotArithmeticError as e:
+        takes = SHIPPED_DOMAIN if bounded else NOT_ARITHMETIC.removeprefix("problem: ")
+        return f"{e.reason}; {takes}"
     return None
+
+
+def canonical_prompt(prompt: Prompt) -> Prompt:
+    """An accepted prompt with its problem as the shipped policy was trained to read it: the
+    canonical expression (`2 + 3 * 4` and `what is 2+3*4?` are both `2+3*4`), in place of the
+    text or of the last user message's content; the search runs on this."""
+    expression = problem_from_prompt(prompt).expression
+    if isinstance(prompt, str):
+        return expression
+    last = max(i for i, m in enumerate(prompt) if m.role == "user")
+    return (*prompt[:last], ChatMessage("user", expression), *prompt[last + 1 :])
 
 
 def judge(problem: Problem, steps: Sequence[str]) -> list[bool]:
@@ -65,6 +98,8 @@ def judge(problem: Problem, steps: Sequence[str]) -> list[bool]:
 
 class VerifierReward:
     """Reward worker scoring arithmetic steps exactly; no model, so `tokens` is always 0."""
+
+    concurrent = False
 
     def __init__(self, floor: float = 0.0, ceiling: float = 1.0) -> None:
         if not 0.0 <= floor < ceiling <= 1.0:

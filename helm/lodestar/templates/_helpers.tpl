@@ -143,6 +143,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 - {{ .Values.actors.numGpus | quote }}
 - --engine
 - {{ .Values.actors.engine | quote }}
+- --tensor-parallel-size
+- {{ .Values.actors.tensorParallelSize | quote }}
+{{- with .Values.actors.gpuMemoryUtilization }}
+- --gpu-memory-utilization
+- {{ . | quote }}
+{{- end }}
+{{- with .Values.actors.maxModelLen }}
+- --max-model-len
+- {{ . | int | quote }}
+{{- end }}
 {{- if .Values.actors.threads }}
 - --threads
 - {{ .Values.actors.threads | quote }}
