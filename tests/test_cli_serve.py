@@ -68,7 +68,7 @@ def test_serve_then_search_prints_the_answer_and_serve_stops_cleanly(tmp_path: P
             text=True,
             timeout=120,
         )
-        assert bad.returncode == 1 and "INVALID_ARGUMENT: params.pf.n" in bad.stdout
+        assert bad.returncode == 2 and "INVALID_ARGUMENT: params.pf.n" in bad.stdout
         # /metrics binds the gRPC --host (127.0.0.1 by default), not every address
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(metrics, timeout=10) as reply:
