@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import os
 import random
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +37,11 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from lodestar.evaluation.systems import BenchOptions, Row
+from lodestar.evaluation.systems import BenchOptions, Row, median
 from lodestar.tasks.arithmetic import Difficulty, generate_problems
 from lodestar.workers.contract import PolicyEngine
 from lodestar.workers.messages import ExtendRequest, SamplingParams, StepOutput
+from lodestar.workers.vllm_policy import cpu_lists
 
 HF, VLLM, RAW = "HF engine", "vLLM engine", "raw vLLM"
 SIDES = (VLLM, HF, RAW)
@@ -237,8 +237,7 @@ def engine_threads(threads: int, cpu: bool) -> Iterator[None]:
     before, bind = torch.get_num_threads(), os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
     torch.set_num_threads(threads)
     if cpu:
-        cpus = sorted(os.sched_getaffinity(0))[:threads]
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_lists(threads, ranks=1)
     try:
         yield
     finally:
@@ -366,20 +365,17 @@ def pair_row(
     ratio B / A is A's tokens/s over B's."""
     (a_name, a_runs), (b_name, b_runs) = a, b
 
-    def med(runs: list[EngineRun], key: Callable[[EngineRun], float]) -> float:
-        return statistics.median(key(x) for x in runs)
-
-    a_s, b_s = med(a_runs, lambda x: x.s_per_token), med(b_runs, lambda x: x.s_per_token)
+    a_s, b_s = median(a_runs, lambda x: x.s_per_token), median(b_runs, lambda x: x.s_per_token)
     served = all(
         x.requests == y.requests and x.idle_steps == y.idle_steps == 0
         for x, y in zip(a_runs, b_runs, strict=True)
     )
     for key, runs in (("a", a_runs), ("b", b_runs)):
-        extra[f"tokens_per_s_{key}"] = med(runs, lambda x: x.tokens_per_s)
-        extra[f"prompt_tokens_encoded_{key}"] = med(runs, lambda x: x.prompt_tokens)
-        extra[f"generated_tokens_{key}"] = med(runs, lambda x: x.generated_tokens)
-        extra[f"wall_s_{key}"] = med(runs, lambda x: x.wall_s)
-        extra[f"requests_{key}"] = med(runs, lambda x: x.requests)
+        extra[f"tokens_per_s_{key}"] = median(runs, lambda x: x.tokens_per_s)
+        extra[f"prompt_tokens_encoded_{key}"] = median(runs, lambda x: x.prompt_tokens)
+        extra[f"generated_tokens_{key}"] = median(runs, lambda x: x.generated_tokens)
+        extra[f"wall_s_{key}"] = median(runs, lambda x: x.wall_s)
+        extra[f"requests_{key}"] = median(runs, lambda x: x.requests)
     return Row(
         section=section,
         name=name,

@@ -46,7 +46,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lodestar.evaluation.engine_bench import CUDA_MEMORY_SHARE, engine_threads
-from lodestar.evaluation.systems import BenchOptions, Row
+from lodestar.evaluation.systems import BenchOptions, Row, median
 from lodestar.tasks.arithmetic import (
     STEP_DELIMITER,
     Difficulty,
@@ -483,17 +483,14 @@ def prm_engine_row(
         )
     flat = [x for step in hf[0].rewards for rewards in step for x in rewards]
 
-    def med(xs: list[ScoringRun], key: Callable[[ScoringRun], float]) -> float:
-        return statistics.median(key(x) for x in xs)
-
-    a_s, b_s = med(hf, lambda x: x.total_s), med(vllm, lambda x: x.total_s)
+    a_s, b_s = median(hf, lambda x: x.total_s), median(vllm, lambda x: x.total_s)
     extra: dict[str, float] = {
         "total_ms_a": a_s * 1e3,
         "total_ms_b": b_s * 1e3,
-        "first_step_ms_a": med(hf, lambda x: x.step_s[0]) * 1e3,
-        "first_step_ms_b": med(vllm, lambda x: x.step_s[0]) * 1e3,
-        "last_step_ms_a": med(hf, lambda x: x.step_s[-1]) * 1e3,
-        "last_step_ms_b": med(vllm, lambda x: x.step_s[-1]) * 1e3,
+        "first_step_ms_a": median(hf, lambda x: x.step_s[0]) * 1e3,
+        "first_step_ms_b": median(vllm, lambda x: x.step_s[0]) * 1e3,
+        "last_step_ms_a": median(hf, lambda x: x.step_s[-1]) * 1e3,
+        "last_step_ms_b": median(vllm, lambda x: x.step_s[-1]) * 1e3,
         "tokens_encoded_a": sum(hf[0].step_tokens),
         "tokens_encoded_b": sum(vllm[0].step_tokens),
         "cached_tokens_b": sum(vllm[0].step_cached),

@@ -42,6 +42,7 @@ from lodestar.workers.factory import ModelConfig, build_policy, build_reward
 from lodestar.workers.messages import ExtendRequest, ScoreRequest, StepOutput, StepScores
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 BUDGET = {"max_generated_tokens": 1_000_000, "max_prm_passes": 100_000}
 """The gRPC server's default caps, given to the in-process searches too so that both sides run
@@ -323,7 +324,8 @@ def accuracy(samples: Sequence[Sample], problems: Sequence[Problem]) -> float:
     return median(samples, share)
 
 
-def median(samples: Sequence[Sample], key: Callable[[Sample], float]) -> float:
+def median(samples: Sequence[S], key: Callable[[S], float]) -> float:
+    """The median of one figure over a side's runs (any row's run type)."""
     return statistics.median(key(s) for s in samples)
 
 

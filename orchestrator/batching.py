@@ -88,6 +88,11 @@ class RequestBatcher(Generic[Req, Out]):
         self.bisections = 0
         """Calls that failed as a whole with more than one caller in them and were split."""
 
+    def overlap(self, calls: int) -> None:
+        """Serve an engine that batches continuously (vLLM): no window, up to `calls`
+        overlapping calls, each caller's requests sent as they arrive."""
+        self.max_wait_s, self.max_in_flight = 0.0, calls
+
     async def submit(self, requests: Sequence[Req]) -> list[Out]:
         if not requests:
             return []

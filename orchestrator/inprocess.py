@@ -52,9 +52,11 @@ class LocalWorkers:
             return await self._reward.run(reward.score, requests)
 
         def batcher(call: Any, threads: _InThread) -> RequestBatcher[Any, Any]:
-            wait = max_wait_s if threads.calls == 1 else 0.0  # no window before a scheduler
             bounds = dict(cost=request_chars, max_cost=max_call_chars)
-            return RequestBatcher(call, max_batch, wait, max_in_flight=threads.calls, **bounds)
+            batcher = RequestBatcher(call, max_batch, max_wait_s, **bounds)
+            if threads.calls > 1:
+                batcher.overlap(threads.calls)
+            return batcher
 
         self.policy_batcher = batcher(extend, self._policy)
         self.reward_batcher = batcher(score, self._reward)

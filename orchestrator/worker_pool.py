@@ -191,7 +191,7 @@ class RayWorkerPool:
         for m, info in zip(members, infos, strict=True):
             for role, batcher in (("policy", m.extend), ("reward", m.score)):
                 if info["concurrent"].get(role):
-                    batcher.max_wait_s, batcher.max_in_flight = 0.0, CONCURRENT_CALLS
+                    batcher.overlap(CONCURRENT_CALLS)
         return infos
 
     def scope(self, search_id: str) -> SearchScope:

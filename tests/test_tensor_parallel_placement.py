@@ -40,9 +40,9 @@ def test_each_rank_binds_its_own_cpus_and_the_cpu_build_starts_ranks_as_processe
     from lodestar.workers import vllm_policy
 
     monkeypatch.setattr(vllm_policy.os, "sched_getaffinity", lambda _: {4, 5, 6, 7})
-    assert vllm_policy._cpu_lists(1, 1) == "4"
-    assert vllm_policy._cpu_lists(2, 2) == "4,5|6,7"
-    assert vllm_policy._cpu_lists(3, 2) == "4,5,6|4,5,7"  # too few CPUs: ranks share some
+    assert vllm_policy.cpu_lists(1, 1) == "4"
+    assert vllm_policy.cpu_lists(2, 2) == "4,5|6,7"
+    assert vllm_policy.cpu_lists(3, 2) == "4,5,6|4,5,7"  # too few CPUs: ranks share some
     cpu = torch.device("cpu")
     assert (
         vllm_policy.engine_kwargs("m", cpu, tensor_parallel_size=2)["distributed_executor_backend"]

@@ -4,10 +4,10 @@
 `max_restarts`, `max_task_retries` and `CONCURRENT_CALLS` call threads: the engines that run one
 batch at a time take their calls one at a time (one lock for all of them, so a combined actor's
 policy and PRM never run at once on its threads), a concurrent engine (vLLM) takes them as they
-come. A restart re-runs `__init__`, so everything here is
-rebuildable: the models reload from their directories and the KV caches start empty (a miss is
-always correct). Methods are idempotent for the same reason Ray may call them twice: sampling is
-seeded per request, so a retried `extend` returns what the first attempt would have.
+come. A restart re-runs `__init__`, so everything here is rebuildable: the models reload from
+their directories and the KV caches start empty (a miss is always correct). Methods are
+idempotent for the same reason Ray may call them twice: sampling is seeded per request, so a
+retried `extend` returns what the first attempt would have.
 
 The device is chosen inside the actor: Ray sets CUDA_VISIBLE_DEVICES to the GPUs it granted, so a
 `num_gpus=0.5` actor on a GPU node loads on CUDA and the same code with `num_gpus=0` runs on CPU.

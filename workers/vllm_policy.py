@@ -130,7 +130,7 @@ class VLLMPolicy:
             raise RuntimeError(INSTALL_HINT)
         self.device = choose_device(device)
         if self.device.type == "cpu":  # the CPU build's knobs: CPU lists, and GiB of KV cache
-            binds = _cpu_lists(torch.get_num_threads(), tensor_parallel_size)
+            binds = cpu_lists(torch.get_num_threads(), tensor_parallel_size)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", binds)
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
         from transformers import AutoConfig, GenerationConfig
@@ -338,7 +338,7 @@ def _params(request: ExtendRequest, budget: StepBudget) -> Any:
     )
 
 
-def _cpu_lists(threads: int, ranks: int) -> str:
+def cpu_lists(threads: int, ranks: int) -> str:
     """The CPUs vLLM's CPU workers bind their threads to: `threads` per tensor-parallel rank
     from those this process may run on, one list per rank joined by "|" ("0,1|2,3"; vLLM
     refuses "all" and asserts one list per rank). Ranks share CPUs only when there are too few."""
