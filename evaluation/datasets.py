@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lodestar.orchestrator.algorithms.answers import canonicalize, extract_boxed, matches_reference
-from lodestar.tasks.arithmetic import Difficulty, generate_problems
+from lodestar.tasks.arithmetic import DEFAULT_OPS, Difficulty, generate_problems
 
 
 class DatasetError(ValueError):
@@ -29,7 +29,7 @@ class EvalProblem:
     """The reference as written (`\\boxed{}` unwrapped), which math-verify reads; None: `answer`."""
 
 
-def synthetic(per_group: int, ops: Sequence[int] = (2, 3, 4), seed: int = 0) -> list[EvalProblem]:
+def synthetic(per_group: int, ops: Sequence[int] = DEFAULT_OPS, seed: int = 0) -> list[EvalProblem]:
     """Held-out ("test" split) arithmetic problems, `per_group` for each operation count; the
     shipped models never saw them in training."""
     problems = []

@@ -196,7 +196,8 @@ class Particle:
 def pf_plan(workload: PRMEngineWorkload) -> tuple[str, list[list[Particle]]]:
     """The problem and, per step, the particles to score: PF's access pattern, drawn in advance
     from one seeded RNG so that every side and every round scores the same requests."""
-    (problem,) = generate_problems("test", 1, Difficulty(ops=workload.steps), seed=workload.seed)
+    plain = Difficulty(ops=workload.steps, min_operand=1, max_operand=9, min_value=0)  # no signs
+    (problem,) = generate_problems("test", 1, plain, seed=workload.seed)
     rng = random.Random(f"prm-engine-bench|{workload.seed}")
     n = workload.particles
     state: list[tuple[Problem | None, tuple[str, ...]]] = [(problem, ())] * n  # (rest, steps)

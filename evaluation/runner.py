@@ -20,6 +20,7 @@ from lodestar.evaluation.summary import Cell
 from lodestar.orchestrator.driver import OrchestratorConfig
 from lodestar.orchestrator.worker_pool import PoolConfig
 from lodestar.services.runtime import RuntimeConfig, open_runtime
+from lodestar.tasks.arithmetic import DEFAULT_OPS
 from lodestar.workers.factory import ModelConfig
 
 RUNS = "runs.jsonl"
@@ -33,7 +34,7 @@ class EvalOptions:
     """"synthetic" (the shipped task) or a JSONL path of {problem, answer}."""
     problems: int = 20
     """Per difficulty group (synthetic) or the first N lines (JSONL)."""
-    ops: tuple[int, ...] = (2, 3, 4)
+    ops: tuple[int, ...] = DEFAULT_OPS
     """Synthetic difficulty groups: operations per expression."""
     data_seed: int = 0
     models: ModelConfig = field(default_factory=ModelConfig)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +22,11 @@ from rich.console import Console
 
 from lodestar.services.client import BatchFileJob, run_batch_file
 from lodestar.services.metrics import Metrics
-from lodestar.services.runtime import RuntimeConfig, open_runtime
+from lodestar.services.runtime import Runtime, RuntimeConfig, open_runtime
 from lodestar.services.server import LodestarServer, ServerConfig
 from lodestar.services.watchdog import WatchConfig, watch_workers
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,13 @@ class ServeConfig:
 
 async def serve(config: ServeConfig, announce: Callable[[str], None] = print) -> None:
     """Run until SIGINT/SIGTERM."""
+    if config.runtime.ray_address.startswith("ray://"):
+        log.warning(
+            "--ray-address %s is Ray Client, which is not for serving (a dropped connection "
+            "loses this gateway's work): run the gateway as a Ray node (ray start "
+            "--address=<head>:6379 --num-cpus=0) and use --ray-address auto",
+            config.runtime.ray_address,
+        )
     async with open_runtime(config.runtime) as runtime:
         orchestrator = runtime.orchestrator
         stop = asyncio.Event()  # handlers after ray.init, which installs its own for SIGTERM
@@ -76,6 +86,9 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
                     store=orchestrator.store,
                 )
             )
+            if runtime.keeper is not None:
+                for line in fleet_lines(runtime, orchestrator.owner):
+                    announce(line)
             devices = ", ".join(sorted({i["device"] for i in infos}))
             announce(f"lodestar: SERVING on {host}:{port} with {len(infos)} worker(s) on {devices}")
             await stop.wait()
@@ -86,6 +99,22 @@ async def serve(config: ServeConfig, announce: Callable[[str], None] = print) ->
                 with contextlib.suppress(asyncio.CancelledError):
                     await watchdog  # gone before stop() sets health for the last time
             await server.stop()
+
+
+def fleet_lines(runtime: Runtime, owner: str) -> list[str]:
+    """Which fleet this gateway uses (as which orchestrator) and who keeps it, then each actor
+    as namespace/name and Ray id: short lines, which the console does not wrap."""
+    from lodestar.orchestrator.worker_pool import RayWorkerPool, fleet_namespace
+
+    pool = runtime.workers
+    assert isinstance(pool, RayWorkerPool) and runtime.keeper is not None
+    fleet = runtime.keeper.fleet
+    keeper = "this gateway" if runtime.keeper.held else "another gateway"
+    actors = [
+        f"lodestar: fleet actor {fleet_namespace(fleet)}/{m.name} {m.handle._actor_id.hex()}"
+        for m in pool.members
+    ]
+    return [f"lodestar: fleet {fleet} as {owner} (kept by {keeper})", *actors]
 
 
 async def run_batch(config: ServeConfig, job: BatchFileJob, console: Console) -> int:

@@ -19,6 +19,8 @@ from lodestar.workers.intake import ProblemLimits
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 batch_app = typer.Typer(no_args_is_help=True, help="Batches of problems from JSONL files.")
 app.add_typer(batch_app, name="batch")
+fleet_app = typer.Typer(no_args_is_help=True, help="A release's shared model fleet on Ray.")
+app.add_typer(fleet_app, name="fleet")
 console = Console()
 
 # Options shared by several commands.
@@ -107,6 +109,16 @@ CaOpt = Annotated[
 ]
 PolicyWorkersOpt = Annotated[int, typer.Option(help="Policy actors.")]
 RewardWorkersOpt = Annotated[int, typer.Option(help="Reward actors.")]
+FleetOpt = Annotated[
+    str | None,
+    typer.Option(
+        envvar="LODESTAR_FLEET",
+        help="Use the shared model fleet NAME (named detached actors in Ray namespace "
+        "lodestar-NAME, created by whichever gateway holds its Redis lease, found by name by "
+        "the others) instead of actors of this process. Needs --redis; --policy-workers and "
+        "--reward-workers size the fleet, not this gateway.",
+    ),
+]
 ThreadsOpt = Annotated[int | None, typer.Option(help="torch threads per actor.")]
 MaxLiveOpt = Annotated[int, typer.Option(help="Searches advancing at once.")]
 ProblemsArg = Annotated[Path, typer.Argument(help="JSONL: one problem per line.", exists=True)]
@@ -262,10 +274,16 @@ def serve(
     redis: RedisOpt = None,
     redis_password: RedisPasswordOpt = None,
     ray_address: Annotated[
-        str, typer.Option(help='"local" starts a private Ray; "auto" / ray://... joins one.')
+        str,
+        typer.Option(
+            help='"local" starts a private Ray; "auto" joins the cluster this machine is a node '
+            "of (`ray start --address=<head>:6379 --num-cpus=0` first). ray://... (Ray Client) "
+            "still works but is not for serving: a dropped connection loses the gateway's work."
+        ),
     ] = "local",
     policy_workers: PolicyWorkersOpt = 1,
     reward_workers: RewardWorkersOpt = 1,
+    fleet: FleetOpt = None,
     num_gpus: NumGpusOpt = 0.0,
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
@@ -362,6 +380,7 @@ def serve(
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
+        fleet=fleet,
     )
     health_address = f"{host}:{health_port}" if health_port is not None else None
     server = dataclasses.replace(
@@ -404,6 +423,7 @@ def _runtime_config(
     tensor_parallel_size: int = 1,
     gpu_memory_utilization: float = 0.85,
     max_model_len: int | None = None,
+    fleet: str | None = None,
 ) -> Any:
     from lodestar.orchestrator.driver import OrchestratorConfig
     from lodestar.orchestrator.worker_pool import PoolConfig
@@ -427,19 +447,12 @@ def _runtime_config(
             reward_workers=reward_workers,
             num_gpus=num_gpus,
             threads=threads,
+            fleet=fleet,
         )
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
-    policy_name = policy.name if policy is not None else "arith-policy"
-    return ServeConfig(
-        server=ServerConfig(
-            address=address,
-            auth_token=auth_token,
-            policy_model=policy_name,
-            reward_model=reward_name,
-        ),
-        runtime=RuntimeConfig(
+    try:  # a fleet without a Redis store
+        runtime = RuntimeConfig(
             pool=pool,
             orchestrator=OrchestratorConfig(
                 max_live=max_live,
@@ -450,7 +463,19 @@ def _runtime_config(
             store_url=redis or "memory://",
             store_password=redis_password,
             ray_address=ray_address,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--fleet") from None
+    reward_name = reward if reward in ("verifier", "prm") else Path(reward).name
+    policy_name = policy.name if policy is not None else "arith-policy"
+    return ServeConfig(
+        server=ServerConfig(
+            address=address,
+            auth_token=auth_token,
+            policy_model=policy_name,
+            reward_model=reward_name,
         ),
+        runtime=runtime,
         metrics_port=metrics_port,
     )
 
@@ -572,6 +597,7 @@ def batch_run(
     ] = "local",
     policy_workers: PolicyWorkersOpt = 1,
     reward_workers: RewardWorkersOpt = 1,
+    fleet: FleetOpt = None,
     num_gpus: NumGpusOpt = 0.0,
     threads: ThreadsOpt = None,
     max_live: MaxLiveOpt = 64,
@@ -603,6 +629,7 @@ def batch_run(
         tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
+        fleet=fleet,
     )
 
     job = _batch_job(problems, output, algorithm, budget, param, seed, max_tokens, max_prm_passes)
@@ -647,7 +674,7 @@ def eval_(
         str, typer.Option(help='"synthetic" or a JSONL file of {"problem", "answer"}.')
     ] = "synthetic",
     ops: Annotated[str, typer.Option(help="Synthetic difficulties: operations per problem.")] = (
-        "2,3,4"
+        "1,2,3,4"
     ),
     policy: PolicyOpt = None,
     reward: RewardOpt = "verifier",
@@ -805,6 +832,32 @@ def _show_batch(
     secure = _client_tls(tls, ca)
     code = asyncio.run(show_batch(address, batch_id, token, console, secure, cancel=cancel))
     raise typer.Exit(code)
+
+
+@fleet_app.command("down")
+def fleet_down(
+    fleet: Annotated[str, typer.Option(envvar="LODESTAR_FLEET", help="The fleet's name.")],
+    ray_address: Annotated[
+        str, typer.Option(help='The cluster: "auto" (this machine is a node of it) or host:port.')
+    ] = "auto",
+) -> None:
+    """Kill a fleet's actors (and their placement groups). Stop its gateways first: while one
+    runs, the one holding the fleet's lease starts the actors again."""
+    from lodestar.orchestrator.fleet import fleet_down as take_down
+    from lodestar.orchestrator.worker_pool import FLEET_NAME, fleet_namespace
+    from lodestar.services.runtime import connect_ray
+
+    if not FLEET_NAME.fullmatch(fleet):
+        raise typer.BadParameter("lowercase letters, digits and '-'", param_hint="--fleet")
+    if ray_address == "local":
+        raise typer.BadParameter("a fleet lives on a cluster: auto or host:port")
+    asyncio.run(connect_ray(ray_address, 5, namespace=fleet_namespace(fleet)))
+    names = take_down(fleet)
+    console.print(
+        f"fleet {fleet}: killed {len(names)} actor(s) in namespace {fleet_namespace(fleet)}"
+        + (f": {', '.join(names)}" if names else ""),
+        highlight=False,
+    )
 
 
 def main() -> None:

@@ -4,6 +4,9 @@ Every command builds its runtime here (`serve`, `batch run`, `solve`, `eval`, `b
 reliability bench), so there is one search loop (`Orchestrator` over a `StateStore`) and one place
 that starts Ray. The workers are Ray actors (`RayWorkerPool`) or, with `in_process`, the same
 engines in threads of this process (`LocalWorkers`: no actor hop, for one-machine commands).
+With `pool.fleet` the actors are the release's shared fleet: this runtime joins Ray in the
+fleet's namespace, runs a `FleetKeeper` (which keeps the fleet while it holds the owner lease)
+and leaves the actors running when it closes.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 from lodestar.orchestrator.driver import Orchestrator, OrchestratorConfig
 from lodestar.orchestrator.inprocess import LocalWorkers
 from lodestar.orchestrator.state_store import open_state_store
-from lodestar.orchestrator.worker_pool import PoolConfig
+from lodestar.orchestrator.worker_pool import PoolConfig, fleet_namespace
 from lodestar.workers.contract import PolicyEngine, RewardEngine
 from lodestar.workers.factory import build_intake, build_policy, build_reward
 from lodestar.workers.intake import ProblemLimits
 
 if TYPE_CHECKING:
+    from lodestar.orchestrator.fleet import FleetKeeper
     from lodestar.orchestrator.worker_pool import RayWorkerPool
 
 log = logging.getLogger(__name__)
@@ -50,11 +54,23 @@ class RuntimeConfig:
     limits: ProblemLimits = field(default_factory=ProblemLimits)
     """What one problem may be; checked at submit against the served policy's tokenizer."""
 
+    def __post_init__(self) -> None:
+        if self.pool.fleet is not None:
+            if self.in_process:
+                raise ValueError("a fleet is Ray actors: not with in-process workers")
+            if self.store_url == "memory://":
+                raise ValueError(
+                    "a fleet needs a Redis store (--redis / LODESTAR_REDIS_URL): its owner "
+                    "lease and its searches are shared by every gateway through it"
+                )
+
 
 @dataclass(frozen=True)
 class Runtime:
     orchestrator: Orchestrator
     workers: LocalWorkers | RayWorkerPool
+    keeper: FleetKeeper | None = None
+    """With a fleet: whether this gateway keeps it now (`keeper.held`)."""
 
     async def start(self) -> list[dict[str, Any]]:
         """Wait for the models to load, then start the orchestrator; returns each worker
@@ -74,10 +90,18 @@ async def open_runtime(
     that shares weights between sides)."""
     in_process = config.in_process or engines is not None
     owns_ray = not in_process and not _ray_running()
+    fleet = config.pool.fleet
     if owns_ray:
-        await connect_ray(config.ray_address, config.connect_attempts, num_cpus=config.ray_cpus)
+        namespace = None if fleet is None else fleet_namespace(fleet)
+        await connect_ray(
+            config.ray_address,
+            config.connect_attempts,
+            namespace=namespace,
+            num_cpus=config.ray_cpus,
+        )
     settings = {"password": config.store_password} if config.store_password else {}
     store = open_state_store(config.store_url, **settings)
+    keeper = None
     try:
         await store.ping()
         workers: LocalWorkers | RayWorkerPool
@@ -86,15 +110,23 @@ async def open_runtime(
         else:
             from lodestar.orchestrator.worker_pool import RayWorkerPool
 
+            if fleet is not None:  # the first turn creates the actors if this one keeps them
+                from lodestar.orchestrator.fleet import FleetKeeper
+
+                lease_s = config.orchestrator.lease_s
+                keeper = FleetKeeper(config.pool, store, config.orchestrator.owner, lease_s)
+                await keeper.start()
             workers = RayWorkerPool(config.pool)  # the actors load while the intake loads here
         intake = await asyncio.to_thread(build_intake, config.pool.models, config.limits)
         orchestrator = Orchestrator(store, workers, config.orchestrator, intake=intake)
         try:
-            yield Runtime(orchestrator, workers)
+            yield Runtime(orchestrator, workers, keeper)
         finally:
             await orchestrator.close()
             workers.shutdown()
     finally:
+        if keeper is not None:  # the lease handed back: another gateway keeps the fleet now
+            await keeper.stop()
         await store.close()
         if owns_ray:
             import ray
@@ -121,19 +153,30 @@ def _local_workers(
 
 
 async def connect_ray(
-    address: str, attempts: int, wait_s: float = 2.0, **local: int | None
+    address: str,
+    attempts: int,
+    wait_s: float = 2.0,
+    namespace: str | None = None,
+    **local: int | None,
 ) -> None:
     """`ray.init`, retried on a connection failure when joining a cluster: on Kubernetes the
     gateway starts beside the head, whose client server may not be up yet, and the head's Ray
     client proxier sometimes fails to start the per-connection server (seen here on about 1
     connection in 8, the child dying at fork; a new connection gets a new server). `local`
-    (num_cpus, num_gpus) sizes a private Ray; a cluster has its own."""
+    (num_cpus, num_gpus) sizes a private Ray; a cluster has its own. `namespace`: the Ray
+    namespace this driver names things in (a fleet's; None: an anonymous one)."""
     import ray
 
     local = {k: v for k, v in local.items() if v is not None and address == "local"}
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+            ray.init(
+                address=address,
+                namespace=namespace,
+                include_dashboard=False,
+                log_to_driver=False,
+                **local,
+            )
             return
         except ConnectionError as e:
             if address == "local" or attempt == attempts:

@@ -5,8 +5,8 @@ for good (restarts used up, node gone) or the gateway can lose its Ray client co
 watchdog asks every actor for `info()` (answered on its own actor thread, never queued behind
 model calls) and, while any does not answer in time, keeps readiness NOT_SERVING so traffic goes
 to other replicas; after `dead_after_s` of that it turns liveness NOT_SERVING too, so Kubernetes
-restarts the gateway, which reconnects and starts fresh actors. Both recover when the workers
-answer again.
+restarts the gateway, which reconnects and starts fresh actors (with a fleet: finds the fleet's
+actors by name again). Both recover when the workers answer again.
 
 The same round pings the state store: while it does not answer in time readiness is NOT_SERVING
 too (every search needs it), but liveness never follows it, since restarting the gateway does not

@@ -1,6 +1,6 @@
 """Synthetic multi-step integer arithmetic: problems whose every step and answer can be checked.
 
-A problem is an expression over non-negative integers with `+ - *` and parentheses, printed with
+A problem is an expression over integers 0-99 with `+ - *` and parentheses, printed with
 only the parentheses its tree needs, e.g. `(7+5)*3-4`. A solution reduces one innermost operation
 per step and restates what is left; each step ends with the step delimiter and the last one boxes
 the answer instead:
@@ -11,10 +11,10 @@ The restatement is a scratchpad: a small model finds the next operation in the t
 instead of replaying every earlier substitution (without it, picking the wrong operands was most
 of a 1.6M-parameter policy's errors). The checker accepts steps with or without it.
 
-Every intermediate value of a generated problem stays in `[0, max_value]` (no negatives, no
-division). A user's problem may go below zero (`2-5+4`): its steps then carry signed numbers
-(`2-5=-3, so -3+4`), which the checker reads. Splits are assigned by a hash of the canonical
-expression, so train, validation and test never share a problem whatever the seed or difficulty.
+Every value of a generated problem stays in `[min_value, max_value]` (no division). Below zero
+(`2-5+4`) the steps carry signed numbers (`2-5=-3, so -3+4`), which the checker reads. Splits
+are assigned by a hash of the canonical expression, so train, validation and test never share a
+problem whatever the seed or difficulty.
 
 What a user may type is wider than the canonical text: `read_problem` takes any spacing,
 redundant parentheses and a light question around the expression (`what is 2 + 3?`), within
@@ -55,14 +55,16 @@ class ArithmeticProblemError(ValueError):
 
 @dataclass(frozen=True)
 class Difficulty:
-    """The generator's knobs: operations per problem, operand range, bound on every value."""
+    """The generator's knobs: operations per problem, operand range, bounds on every value.
+
+    The defaults are the shipped task's domain, what a user types: operands 0-99, every value
+    (leaves, intermediates, answer) within -999..999, so `3-5` and `4*(2-9)` are in it."""
 
     ops: int = 2
-    """Default 2: the shipped policy's greedy accuracy there is about 67% (imperfect on purpose,
-    so search has room), while at 3 operations it is about 18-22% (see models/arith-policy)."""
-    min_operand: int = 1
-    max_operand: int = 9
+    min_operand: int = 0
+    max_operand: int = 99
     max_value: int = 999
+    min_value: int = -999
 
     def __post_init__(self) -> None:
         if self.ops < 1:
@@ -72,6 +74,13 @@ class Difficulty:
                 "need 0 <= min_operand <= max_operand <= max_value, got "
                 f"{self.min_operand}, {self.max_operand}, {self.max_value}"
             )
+        if self.min_value > self.min_operand:
+            raise ValueError(f"min_value must be <= min_operand, got {self.min_value}")
+
+
+DEFAULT_OPS = (1, 2, 3, 4)
+"""The default mix: equal shares of 1-4 operations at the default operands and values (the
+shipped policy's accuracy per operation count is in models/arith-policy/README.md)."""
 
 
 @dataclass(frozen=True)
@@ -180,16 +189,12 @@ def evaluate(tree: Tree) -> int:
     return apply_op(op, evaluate(left), evaluate(right))
 
 
-def _within(tree: Tree, max_value: int) -> bool:
-    """Every value the tree computes (leaves and intermediates) lies in [0, max_value]."""
+def _within(tree: Tree, low: int, high: int) -> bool:
+    """Every value the tree computes (leaves and intermediates) lies in [low, high]."""
     if isinstance(tree, int):
-        return 0 <= tree <= max_value
+        return low <= tree <= high
     _, left, right = tree
-    return (
-        _within(left, max_value)
-        and _within(right, max_value)
-        and (0 <= evaluate(tree) <= max_value)
-    )
+    return _within(left, low, high) and _within(right, low, high) and low <= evaluate(tree) <= high
 
 
 @lru_cache(maxsize=65_536)
@@ -207,14 +212,14 @@ def problem_from_text(text: str) -> Problem:
 
 
 # -- what a user types ---------------------------------------------------------------------------
-MAX_OPERAND = 99
-MAX_OPS = 5
-"""The shipped policy's domain. It was trained on 1-4 operations of operands 1-9
-(models/arith-policy/README.md); the domain reaches one operation and one digit further, and
-what lies beyond is refused at submit rather than searched."""
+MAX_OPERAND = Difficulty().max_operand
+MAX_OPS = max(DEFAULT_OPS)
+MAX_VALUE = Difficulty().max_value
+"""The shipped policy's domain, what it was trained on (models/arith-policy/README.md): what lies
+beyond is refused at submit rather than searched."""
 SHIPPED_DOMAIN = (
     f"the shipped arithmetic models take an expression of integers 0-{MAX_OPERAND} with + - * "
-    f"and parentheses, 1-{MAX_OPS} operations, e.g. (7+5)*3-4"
+    f"and parentheses, 1-{MAX_OPS} operations, every value within +-{MAX_VALUE}, e.g. (7+5)*3-4"
 )
 """What a client is told the shipped task accepts (after the reason it was refused)."""
 
@@ -245,8 +250,9 @@ def extract_expression(text: str) -> str:
 def read_problem(text: str, *, bounded: bool = True) -> Problem:
     """The canonical problem in what a user typed: the expression inside a light question, with
     any spacing and redundant parentheses. With `bounded` it must also be within the shipped
-    policy's domain (operands 0-MAX_OPERAND, 1-MAX_OPS operations; negative intermediate values
-    and answers are fine). Raises `OutsideDomain`, whose `reason` never quotes the text.
+    policy's domain (operands 0-MAX_OPERAND, 1-MAX_OPS operations, every value within
+    +-MAX_VALUE; negative intermediate values and answers are fine). Raises `OutsideDomain`,
+    whose `reason` never quotes the text.
     """
     expression = extract_expression(text)
     # Counted on the text, so a tree deeper than the stack is refused before it is built.
@@ -261,6 +267,8 @@ def read_problem(text: str, *, bounded: bool = True) -> Problem:
         raise OutsideDomain(text, _why_not(expression)) from None
     if bounded and max(_operands(tree)) > MAX_OPERAND:
         raise OutsideDomain(text, f"an operand over {MAX_OPERAND}")
+    if bounded and not _within(tree, -MAX_VALUE, MAX_VALUE):
+        raise OutsideDomain(text, f"a value beyond +-{MAX_VALUE}")
     return _problem_from_canonical(format_expression(tree))
 
 
@@ -337,7 +345,7 @@ def random_tree(rng: random.Random, difficulty: Difficulty) -> Tree | None:
         return (op, build(k), build(n - 1 - k))
 
     tree = build(difficulty.ops)
-    return tree if _within(tree, difficulty.max_value) else None
+    return tree if _within(tree, difficulty.min_value, difficulty.max_value) else None
 
 
 def iter_problems(
@@ -380,15 +388,15 @@ def generate_problems(
 Reduction = tuple[str, int, int]
 
 
-def _reductions(tree: Tree) -> list[tuple[Reduction, Tree]]:
+def reductions(tree: Tree) -> list[tuple[Reduction, Tree]]:
     """Every innermost operation of `tree` (left to right) with the tree after computing it."""
     if isinstance(tree, int):
         return []
     op, left, right = tree
     if isinstance(left, int) and isinstance(right, int):
         return [((op, left, right), apply_op(op, left, right))]
-    out = [(r, (op, new, right)) for r, new in _reductions(left)]
-    out += [(r, (op, left, new)) for r, new in _reductions(right)]
+    out = [(r, (op, new, right)) for r, new in reductions(left)]
+    out += [(r, (op, left, new)) for r, new in reductions(right)]
     return out
 
 
@@ -402,7 +410,7 @@ def solution_steps(
     tree = _as_problem(problem).tree
     steps: list[str] = []
     while not isinstance(tree, int):
-        options = _reductions(tree)
+        options = reductions(tree)
         (op, a, b), tree = options[0] if rng is None else rng.choice(options)
         step = f"{a}{op}{b}={apply_op(op, a, b)}"
         if isinstance(tree, int):
@@ -471,7 +479,7 @@ def _advance(states: set[Tree], step: str) -> tuple[set[Tree], bool, bool]:
     if c != apply_op(op, a, b):
         return states, False, False
     wanted = {(op, a, b), (op, b, a)} if op in ("+", "*") else {(op, a, b)}
-    after = {new for s in states for r, new in _reductions(s) if r in wanted}
+    after = {new for s in states for r, new in reductions(s) if r in wanted}
     if m.group(5) is not None:
         rest = _parse_rest(m.group(5))
         after = {t for t in after if t == rest}

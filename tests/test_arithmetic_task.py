@@ -73,15 +73,22 @@ def test_generator_is_deterministic_per_seed() -> None:
 
 @pytest.mark.parametrize("ops", [1, 2, 3, 5])
 def test_generated_problems_respect_the_difficulty(ops: int) -> None:
-    d = Difficulty(ops=ops, min_operand=2, max_operand=12, max_value=500)
+    d = Difficulty(ops=ops, min_operand=2, max_operand=12, max_value=500, min_value=-40)
     problems = generate_problems("validation", 10 if ops == 1 else 100, d)
     assert len({p.expression for p in problems}) == len(problems)
     for p in problems:
         assert len(solution_steps(p)) == ops
-        assert 0 <= p.answer <= 500
+        assert -40 <= p.answer <= 500
         assert all(2 <= int(x) <= 12 for x in re.findall(r"\d+", p.expression))
         for step in solution_steps(p, restate=False):  # every intermediate value is bounded too
-            assert 0 <= int(step.split("=")[1].split()[0]) <= 500
+            assert -40 <= int(step.split("=")[1].split()[0]) <= 500
+    if ops > 1:  # below zero is reached, not only allowed
+        values = [
+            int(s.split("=")[1].split()[0])
+            for p in problems
+            for s in solution_steps(p, restate=False)
+        ]
+        assert min(values) < 0
 
 
 def test_splits_never_share_a_problem() -> None:

@@ -210,7 +210,7 @@ def test_sigterm_under_load_exits_within_the_grace_and_another_server_finishes_t
     redis_server.restart()
     grace_s = 3.0
     serve_args = ("--redis", redis_server.url, "--grace-s", str(grace_s), "--max-live", "4")
-    long = [p.expression for p in generate_problems("test", 4, Difficulty(ops=5), seed=21)]
+    long = [p.expression for p in generate_problems("test", 4, Difficulty(ops=4), seed=21)]
     problems = long + [p.expression for p in generate_problems("test", 10, Difficulty(ops=3))]
     lone_ids = [f"lone-{i}" for i in range(4)]
     work_ids = [f"work.{i:06d}" for i in range(6)]

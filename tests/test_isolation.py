@@ -342,7 +342,7 @@ def test_huge_problems_are_refused_at_once_while_canaries_run(models, intake) ->
     assert refused_in < 1.0
     assert [code for code, _ in huge] == [Code.INVALID_ARGUMENT] * 3
     assert huge[0][1].startswith("problem.text: 1000000 characters, at most")
-    assert huge[1][1].startswith("problem: 199 operations, at most 5")  # the shipped domain
+    assert huge[1][1].startswith("problem: 199 operations, at most 4")  # the shipped domain
     assert huge[2][1].startswith("params.pf.step_delimiter")
     assert all(isinstance(r, pb.SearchResult) for r in canaries_out)
 

@@ -379,7 +379,7 @@ def test_lodestar_eval_runs_pg(tmp_path):
     done = lodestar_eval(out, "--algorithms", "pg", "--budgets", "4", "--problems", "3")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = rows_of(out / "runs.jsonl")
-    assert len(rows) == 9 and all(r["status"] == "succeeded" for r in rows)  # 3 ops x 3 problems
+    assert len(rows) == 12 and all(r["status"] == "succeeded" for r in rows)  # 4 ops x 3 problems
     assert all(r["algorithm"] == "pg" and 0 <= r["expected_accuracy"] <= 1 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert [(c["label"], c["budget"]) for c in summary] == [("pg", 4)]

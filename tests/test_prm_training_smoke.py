@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,20 +13,31 @@ import torch
 from safetensors.torch import load_file
 
 from lodestar.evaluation.prm_quality import auc, within_group_auc
-from lodestar.tasks.arithmetic import evaluate_steps, generate_problems, solution_steps
+from lodestar.tasks.arithmetic import (
+    Difficulty,
+    evaluate_steps,
+    generate_problems,
+    reductions,
+    solution_steps,
+)
 from lodestar.training.train_policy import TrainConfig, build_model, build_tokenizer
 from lodestar.training.train_prm import (
+    NEGATIVE_KINDS,
     SEPARATOR,
     PRMTrainConfig,
     build_prm,
     encode,
+    near_miss,
     perturb,
+    ranking_loss,
     renderer,
     train,
 )
 from lodestar.workers.factory import ModelConfig, build_reward
 from lodestar.workers.messages import ScoreRequest
 from lodestar.workers.reward import PRMConfig, RewardWorker
+
+STEP_FORMAT = re.compile(r"-?\d+[-+*]-?\d+=-?\d+(, so [-+*()\d]+| \\boxed\{-?\d+\})")
 
 TINY_POLICY = dict(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
 TINY_PRM = dict(
@@ -116,7 +128,22 @@ def test_perturbed_solutions_are_wrong_only_at_their_last_step() -> None:
         labels = evaluate_steps(problem, steps)
         assert labels == [True] * (len(steps) - 1) + [False]
         assert len(steps) <= len(solution_steps(problem))
-    assert made >= 30
+    assert made >= 38
+
+
+@pytest.mark.parametrize("kind", NEGATIVE_KINDS)
+def test_every_near_miss_kind_makes_wrong_steps_in_the_step_format(kind: str) -> None:
+    rng = random.Random(kind)
+    outcomes = []
+    for ops in (1, 3):  # a last step (boxed) and a middle one (restated)
+        for problem in generate_problems("train", 30, Difficulty(ops=ops)):
+            (reduction, after), *_ = reductions(problem.tree)
+            step = near_miss(kind, problem.tree, reduction, after, rng)
+            if step is not None:
+                assert STEP_FORMAT.fullmatch(step.strip()), step
+                outcomes.append(evaluate_steps(problem, [step])[0])
+    # `perturb` drops the rare draw that stays right (2+2 read as 2*2).
+    assert outcomes.count(False) >= 10 and outcomes.count(True) <= len(outcomes) // 10
 
 
 def test_auc() -> None:
@@ -132,3 +159,17 @@ def test_within_group_auc_sees_a_ranking_that_pooling_hides() -> None:
     assert auc(scores, labels) == 9 / 16
     assert within_group_auc(scores, labels, 4) == 0.0
     assert math.isnan(within_group_auc([0.1, 0.2], [1, 1], 2))  # no problem with both classes
+
+
+def test_ranking_loss_compares_only_one_problem_at_one_depth() -> None:
+    keys = [("a", 0), ("a", 0), ("b", 0), ("a", 1)]
+    labels = [1, 0, 0, 1]
+    # Only the pair (0, 1) shares a problem and a depth: the loss is softplus(m1 - m0).
+    margins = torch.tensor([2.0, -1.0, 50.0, -50.0], requires_grad=True)
+    loss = ranking_loss(margins, keys, labels)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-3.0)))
+    loss.backward()
+    assert margins.grad is not None
+    assert margins.grad[2] == 0 and margins.grad[3] == 0
+    assert margins.grad[0] < 0 < margins.grad[1]  # push the right one up, the wrong one down
+    assert ranking_loss(margins, [("a", 0), ("b", 0)], [1, 0]).item() == 0.0

@@ -58,10 +58,11 @@ ACCEPTED = {
     "((7+5))*3-4": "(7+5)*3-4",  # redundant parentheses go
     "(2*3)+4": "2*3+4",
     "9-(3-2)": "9-(3-2)",  # needed ones stay
-    "99*99-0": "99*99-0",  # two digits at most
+    "99*9-0": "99*9-0",  # two digits at most
+    "9-99*10": "9-99*10",  # a value down to -999
     "2-5+4": "2-5+4",  # a negative intermediate value
     "3-9": "3-9",  # a negative answer
-    "1+2+3+4+5+6": "1+2+3+4+5+6",  # five operations
+    "1+2+3+4+5": "1+2+3+4+5",  # four operations
 }
 
 REFUSED = {
@@ -69,7 +70,9 @@ REFUSED = {
     "what is ?": "no expression",
     "7": "no operation",
     "(7)": "no operation",
-    "1+2+3+4+5+6+7": "6 operations, at most 5",
+    "1+2+3+4+5+6": "5 operations, at most 4",
+    "99*99-0": "a value beyond +-999",
+    "0-10*(99+2)": "a value beyond +-999",
     "100+1": "an operand over 99",
     "(1+2)*100": "an operand over 99",
     "7/2+1": "division",

@@ -260,6 +260,31 @@ def test_orphans_are_claimed_exactly_once_after_their_owner_stops_renewing(
     backend.run(body)
 
 
+def test_a_named_lease_has_one_holder_until_it_lapses_or_is_given_back(backend: Backend) -> None:
+    """What a fleet's keepers rely on: of many gateways trying at once exactly one holds
+    `fleet:<name>:owner`, it renews it, and another takes it once it lapses or is released."""
+    name = "fleet:demo:owner"
+
+    async def body(store: StateStore) -> None:
+        tries = await asyncio.gather(*(store.hold_lease(name, f"gw-{i}", 0.3) for i in range(8)))
+        assert tries.count(True) == 1
+        holder = f"gw-{tries.index(True)}"
+        assert await store.hold_lease(name, holder, 0.3)  # renewed
+        assert not await store.hold_lease(name, "gw-late", 30)
+        await asyncio.sleep(0.4)  # lapsed: not renewed for longer than the lease
+        assert await store.hold_lease(name, "gw-late", 30)
+        assert not await store.hold_lease(name, holder, 30)
+        await store.release_lease(name, holder)  # not the holder: nothing happens
+        assert not await store.hold_lease(name, "gw-other", 30)
+        await store.release_lease(name, "gw-late")
+        assert await store.hold_lease(name, "gw-other", 30)
+        assert await store.hold_lease("fleet:other:owner", "gw-late", 30)  # leases are per name
+        with pytest.raises(ValueError):
+            await store.hold_lease("fleet:{x}:owner", "gw-late", 30)
+
+    backend.run(body)
+
+
 def test_jobs_created_during_orphan_scans_are_never_lost(backend: Backend) -> None:
     async def body(store: StateStore) -> None:
         ids = [f"new-{i}" for i in range(20)]

@@ -77,12 +77,12 @@ def one(engine: Any, request: ExtendRequest) -> StepOutput:
 
 def test_a_step_stops_at_its_delimiter_and_keeps_it(engine: Any) -> None:
     out = one(engine, req("a"))
-    assert out.stop_reason == "delimiter" and out.text == "7+5=12\n\n"
+    assert out.stop_reason == "delimiter" and out.text == "7+5=12, so 12*3\n\n"
     assert out.num_tokens == len(out.token_ids) > 0 and out.logprob <= 0
 
 
 def test_eos_ends_the_answer_without_its_text_and_counts_as_generated(engine: Any) -> None:
-    out = one(engine, req("b", steps=("7+5=12\n\n",)))
+    out = one(engine, req("b", steps=("7+5=12, so 12*3\n\n",)))
     assert out.stop_reason == "eos" and out.text.endswith("\\boxed{36}")
     assert out.num_tokens == len(out.token_ids) + 1
 
@@ -96,7 +96,7 @@ def test_the_token_cap_and_the_context_end_a_step(engine: Any) -> None:
 
 def test_a_partial_step_is_continued_not_restarted(engine: Any) -> None:
     out = one(engine, req("e", partial_step="7+"))
-    assert out.stop_reason == "delimiter" and out.text == "5=12\n\n"
+    assert out.stop_reason == "delimiter" and out.text == "5=12, so 12*3\n\n"
 
 
 def test_a_partial_step_ending_inside_the_delimiter_stops_where_it_completes(engine: Any):

@@ -71,9 +71,13 @@ class TrainConfig:
     heads: int = 8
     kv_heads: int = 4
     intermediate: int = 688
-    ops_weights: tuple[float, ...] = (0.1, 0.25, 0.4, 0.25)
+    ops_weights: tuple[float, ...] = (0.15, 0.3, 0.3, 0.25)
     """Probability of 1, 2, 3, ... operations per training problem."""
-    max_operand: int = 9
+    min_operand: int = Difficulty().min_operand
+    max_operand: int = Difficulty().max_operand
+    min_value: int = Difficulty().min_value
+    max_value: int = Difficulty().max_value
+    """Operand and value ranges: the task's domain by default (`Difficulty`)."""
     step_format: str = "restate"
     """One of STEP_FORMATS; `bare` with `--steps 896 --threads 1` and the 1.6M shape reproduces
     the first shipped policy (results/policy-run3)."""
@@ -112,14 +116,22 @@ def build_model(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaFo
     return model
 
 
+def difficulty(cfg: TrainConfig, ops: int) -> Difficulty:
+    return Difficulty(
+        ops=ops,
+        min_operand=cfg.min_operand,
+        max_operand=cfg.max_operand,
+        min_value=cfg.min_value,
+        max_value=cfg.max_value,
+    )
+
+
 def batch_stream(cfg: TrainConfig) -> Iterator[list[Problem]]:
     """Batches of training-split problems; each batch's number of operations is drawn from
     `ops_weights`, so its sequences have similar lengths."""
     rng = random.Random(f"train-policy|{cfg.seed}")
     streams = [
-        iter_problems(
-            "train", Difficulty(ops=k, max_operand=cfg.max_operand), seed=cfg.seed, unique=False
-        )
+        iter_problems("train", difficulty(cfg, k), seed=cfg.seed, unique=False)
         for k in range(1, len(cfg.ops_weights) + 1)
     ]
     while True:
@@ -277,7 +289,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         default=d.ops_weights,
         help="comma-separated probabilities of 1, 2, ... operations",
     )
+    p.add_argument("--min-operand", type=int, default=d.min_operand)
     p.add_argument("--max-operand", type=int, default=d.max_operand)
+    p.add_argument("--min-value", type=int, default=d.min_value)
+    p.add_argument("--max-value", type=int, default=d.max_value)
     p.add_argument("--step-format", choices=STEP_FORMATS, default=d.step_format)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (CPUs with avx512_bf16)")
     p.add_argument("--threads", type=int, default=d.threads)

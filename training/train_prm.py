@@ -15,12 +15,16 @@ Data (on-policy, so the PRM learns the mistakes search will actually meet):
 - the policy samples whole solutions step by step through `PolicyWorker.extend` (the search's own
   sampler, temperature 0.8) on TRAINING-split problems; every step is labelled by the task's exact
   checker `evaluate_steps` (after the first wrong step every step is wrong, the Qwen PRM rule);
-- hard negatives: a correct solution with one step perturbed in the right format (result off by a
-  little, wrong operand, another operation's result, digits swapped, wrong boxed answer), cut
-  after the perturbed step;
-- exact duplicates are dropped and the loss is class-weighted, so both labels weigh the same.
+- hard negatives: a correct solution with one step made a near miss in the right format
+  (`NEGATIVE_KINDS`: off by a little, an operand misread or copied from elsewhere, an illegal
+  reduction order, a dropped operation, ...), the wrong value carried on, cut after that step;
+- correct reference solutions (`--references`), so the final step has right answers to learn;
+- exact duplicates are dropped and the pointwise loss is class-weighted (both labels weigh the
+  same).
 
-Loss is cross-entropy at the separator positions only. The learning rate warms up and decays
+Loss: cross-entropy at the separator positions plus a within-problem pairwise ranking loss
+(`ranking_loss`: every right prefix of a problem against every wrong one at the same depth);
+batches hold whole problems so those pairs exist. The learning rate warms up and decays
 linearly to 0 over the run; with `--minutes` the step count is fixed after timing the first
 steps and recorded, so `--steps N` with the same seed and policy reproduces the run exactly.
 The generated data is cached (`--data`) so a rerun with other training settings skips sampling.
@@ -47,11 +51,19 @@ from transformers import (
 
 from lodestar.orchestrator.algorithms.answers import has_final_answer
 from lodestar.tasks.arithmetic import (
+    OPS,
+    STEP_DELIMITER,
+    ArithmeticProblemError,
     Difficulty,
     Problem,
     Split,
+    Tree,
+    apply_op,
     evaluate_steps,
+    format_expression,
     generate_problems,
+    parse_expression,
+    reductions,
     solution_steps,
 )
 from lodestar.workers.factory import PRM_CONFIG_FILE
@@ -85,17 +97,16 @@ class PRMTrainConfig:
     seed: int = 0
     problems: int = 4000
     """Training-split problems sampled on-policy."""
-    ops_weights: tuple[float, ...] = (0.0, 0.2, 0.45, 0.35)
-    """Share of problems with 1, 2, 3, ... operations (the benchmark uses 3; the split holds
-    only ~190 one-operation problems)."""
+    ops_weights: tuple[float, ...] = (0.15, 0.3, 0.3, 0.25)
+    """Share of problems with 1, 2, 3, ... operations (the policy's training mix)."""
     samples: int = 4
     """Policy samples per problem."""
     temperature: float = 0.8
     max_steps: int = 10
     max_step_tokens: int = 40
-    hard_negatives: float = 1.0
+    hard_negatives: float = 2.0
     """Perturbed solutions per problem (fractional: a probability for the last one)."""
-    references: float = 0.0
+    references: float = 1.0
     """Correct reference solutions per problem, every step labelled right: on-policy data from a
     weak policy holds few complete correct answers for the final step to learn from."""
     init: Path | None = None
@@ -104,6 +115,9 @@ class PRMTrainConfig:
     data: Path | None = None
     """Cache of the generated examples (JSON lines); written when missing, read when present."""
     batch_size: int = 64
+    """Sequences per step, whole problems at a time (the ranking loss compares within one)."""
+    rank_weight: float = 1.0
+    """Weight of the within-problem pairwise ranking loss next to the pointwise one."""
     lr: float = 3e-4
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -243,51 +257,173 @@ def hash_seed(*parts: int) -> int:
     return h
 
 
-_HEAD = re.compile(r"(\d+)([-+*])(\d+)=(\d+)")
-"""The `a op b = c` a step starts with."""
+NEGATIVE_KINDS = ("off", "operand", "copied", "order", "dropped", "op", "swap", "boxed")
+"""Near misses a policy makes: a result off by a little, an operand misread or copied from
+elsewhere in the expression, an operation done before its turn (illegal order), an operation
+dropped from the restatement, another operation's result, two digits swapped, a wrong boxed
+answer. A wrong value is carried into the restatement, as the policy would carry it."""
+
+
+def _step_text(a: int, op: str, b: int, c: int, after: Tree) -> str:
+    head = f"{a}{op}{b}={c}"
+    if isinstance(after, int):
+        return f"{head} \\boxed{{{after}}}"
+    return f"{head}, so {format_expression(after)}{STEP_DELIMITER}"
+
+
+def _replace_value(tree: Tree, old: Tree, new: int) -> Tree:
+    """`tree` with its first subtree equal to `old` (leftmost) replaced by `new`."""
+    done = False
+
+    def walk(t: Tree) -> Tree:
+        nonlocal done
+        if done:
+            return t
+        if t == old:
+            done = True
+            return new
+        if isinstance(t, int):
+            return t
+        op, left, right = t
+        return (op, walk(left), walk(right))
+
+    return walk(tree)
+
+
+def _drop_leaf(tree: Tree, rng: random.Random) -> Tree | None:
+    """`tree` with one operation and its leaf operand removed (`a op leaf` -> `a`)."""
+    spots: list[tuple[Tree, Tree]] = []
+
+    def walk(t: Tree) -> None:
+        if isinstance(t, int):
+            return
+        _, left, right = t
+        if isinstance(right, int):
+            spots.append((t, left))
+        elif isinstance(left, int):
+            spots.append((t, right))
+        walk(left)
+        walk(right)
+
+    walk(tree)
+    if not spots:
+        return None
+    node, keep = rng.choice(spots)
+    return keep if tree == node else _replace_subtree(tree, node, keep)
+
+
+def _replace_subtree(tree: Tree, old: Tree, new: Tree) -> Tree:
+    if tree == old:
+        return new
+    if isinstance(tree, int):
+        return tree
+    op, left, right = tree
+    return (op, _replace_subtree(left, old, new), _replace_subtree(right, old, new))
+
+
+def _illegal_order(tree: Tree, rng: random.Random) -> tuple[str, int, int, Tree] | None:
+    """An adjacent `a op b` of the written expression that is not an innermost operation (`2+3`
+    in `2+3*4`), computed anyway, with what the text reads as after it."""
+    text = format_expression(tree)
+    legal = {r for r, _ in reductions(tree)}
+    spots = [  # overlapping: in `8-3-2*5` both `8-3` and `3-2` are adjacent pairs
+        (m.start(), m.start() + len(m.group(1)), m.group(2), m.group(3), m.group(4))
+        for m in re.finditer(r"(?<![\d)])(?=((\d+)([-+*])(\d+))(?![\d(]))", text)
+    ]
+    spots = [s for s in spots if (s[3], int(s[2]), int(s[4])) not in legal]
+    if not spots:
+        return None
+    start, end, a_text, op, b_text = rng.choice(spots)
+    a, b = int(a_text), int(b_text)
+    c = apply_op(op, a, b)
+    rest = text[:start] + str(c) + text[end:]
+    try:
+        after: Tree | None = parse_expression(rest, signed=True)
+    except ArithmeticProblemError:
+        after = int(rest) if re.fullmatch(r"-?\d+", rest) else None
+    return None if after is None else (op, a, b, after)
 
 
 def perturb(problem: Problem, rng: random.Random) -> tuple[str, ...] | None:
-    """A correct solution (random legal order) with one step made wrong in the right format, cut
-    after that step; None when the drawn perturbation happened to stay correct."""
-    steps = solution_steps(problem, rng if rng.random() < 0.5 else None)
-    k = rng.randrange(len(steps))
-    m = _HEAD.match(steps[k])
-    if m is None:
-        return None
-    a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
-    tail = steps[k][m.end() :]  # ", so <expr>\n\n" or " \boxed{v}": kept as written
-    boxed = "\\boxed" in tail
-    kind = rng.choice(("off", "off", "operand", "op", "swap", "boxed" if boxed else "off"))
+    """A correct solution (random legal order or leftmost-first) with one step made a near miss
+    in the right format, cut after that step: the first of the `NEGATIVE_KINDS` (in a random
+    order) that applies there and is actually wrong; None when none is."""
+    legal_rng = rng if rng.random() < 0.5 else None
+    tree: Tree = problem.tree
+    steps: list[str] = []
+    n_ops = len(solution_steps(problem))
+    for _ in range(rng.randrange(n_ops)):
+        options = reductions(tree)
+        (op, a, b), tree = options[0] if legal_rng is None else legal_rng.choice(options)
+        steps.append(_step_text(a, op, b, apply_op(op, a, b), tree))
+    options = reductions(tree)
+    reduction, after = options[0] if legal_rng is None else legal_rng.choice(options)
+    for kind in rng.sample(NEGATIVE_KINDS, len(NEGATIVE_KINDS)):
+        step = near_miss(kind, tree, reduction, after, rng)
+        if step is not None and not evaluate_steps(problem, (*steps, step))[-1]:
+            return (*steps, step)
+    return None
+
+
+def near_miss(
+    kind: str, tree: Tree, reduction: tuple[str, int, int], after: Tree, rng: random.Random
+) -> str | None:
+    """Step `reduction` of `tree` (leaving `after`) made wrong the way `kind` says; None where
+    that kind does not apply (no other operand to copy, nothing to drop, ...)."""
+    op, a, b = reduction
+    c = apply_op(op, a, b)
+    node = (op, a, b)
     if kind == "off":
-        c = max(0, c + rng.choice((-1, 1)) * rng.choice((1, 1, 2, 3, 10, rng.randint(1, 30))))
-    elif kind == "operand":
-        if rng.random() < 0.5:
-            a = max(0, a + rng.choice((-2, -1, 1, 2)))
+        wrong = c + rng.choice((-1, 1)) * rng.choice((1, 1, 2, 3, 10, rng.randint(1, 30)))
+        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
+    elif kind in ("operand", "copied"):
+        if kind == "operand":
+            new = (a if rng.random() < 0.5 else b) + rng.choice((-2, -1, 1, 2, 10, -10))
         else:
-            b = max(0, b + rng.choice((-2, -1, 1, 2)))
-        c = a + b if op == "+" else a - b if op == "-" else a * b
-        if c < 0:
+            others = [v for v in _leaves(tree) if v not in (a, b)]
+            if not others:
+                return None
+            new = rng.choice(others)
+        a2, b2 = (new, b) if rng.random() < 0.5 else (a, new)
+        if (a2, b2) == (a, b):
             return None
+        wrong = apply_op(op, a2, b2)
+        step = _step_text(a2, op, b2, wrong, _replace_value(tree, node, wrong))
+    elif kind == "order":
+        found = _illegal_order(tree, rng)
+        if found is None:
+            return None
+        op2, a2, b2, rest = found
+        step = _step_text(a2, op2, b2, apply_op(op2, a2, b2), rest)
+    elif kind == "dropped":
+        if isinstance(after, int):
+            return None
+        shorter = _drop_leaf(after, rng)
+        if shorter is None:
+            return None
+        step = _step_text(a, op, b, c, shorter)
     elif kind == "op":
-        c = rng.choice([v for o, v in (("+", a + b), ("-", a - b), ("*", a * b)) if o != op])
-        if c < 0:
-            return None
+        wrong = rng.choice([apply_op(o, a, b) for o in OPS if o != op])
+        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
     elif kind == "swap":
-        digits = list(str(c))
+        digits = list(str(abs(c)))
         if len(digits) < 2:
             return None
         i = rng.randrange(len(digits) - 1)
         digits[i], digits[i + 1] = digits[i + 1], digits[i]
-        c = int("".join(digits))
-    new = f"{a}{op}{b}={c}"
-    if boxed:
-        value = c if kind != "boxed" else c + rng.choice((-1, 1)) * rng.randint(1, 10)
-        new += f" \\boxed{{{max(0, value)}}}"
-    else:
-        new += tail
-    out = (*steps[:k], new)
-    return out if not evaluate_steps(problem, out)[-1] else None
+        wrong = int("".join(digits)) * (1 if c >= 0 else -1)
+        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
+    else:  # "boxed": the last step, right value, wrong boxed answer
+        if not isinstance(after, int):
+            return None
+        step = f"{a}{op}{b}={c} \\boxed{{{c + rng.choice((-1, 1)) * rng.randint(1, 10)}}}"
+    return step
+
+
+def _leaves(tree: Tree) -> list[int]:
+    if isinstance(tree, int):
+        return [tree]
+    return [*_leaves(tree[1]), *_leaves(tree[2])]
 
 
 def build_examples(cfg: PRMTrainConfig, worker: PolicyWorker, log: bool = True) -> list[Example]:
@@ -392,14 +528,39 @@ def make_batch(
     return ids, mask, labels
 
 
-def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
-    """Endless shuffled epochs of example indices."""
+def batches(problems: Sequence[str], batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless shuffled epochs of example indices, whole problems at a time (at least
+    `batch_size` examples per batch), so every batch holds each of its problems' candidates."""
+    groups: dict[str, list[int]] = {}
+    for i, problem in enumerate(problems):
+        groups.setdefault(problem, []).append(i)
+    order = list(groups.values())
     rng = random.Random(f"prm-batches|{seed}")
-    order = list(range(n))
     while True:
         rng.shuffle(order)
-        for lo in range(0, n - batch_size + 1, batch_size):
-            yield order[lo : lo + batch_size]
+        batch: list[int] = []
+        for group in order:
+            batch += group
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+
+
+def ranking_loss(
+    margins: torch.Tensor, keys: Sequence[tuple[str, int]], labels: Sequence[int]
+) -> torch.Tensor:
+    """Mean pairwise logistic loss `softplus(m_wrong - m_right)` over the pairs of one problem at
+    one step depth with different labels: what particle weights and best-of-n compare is one
+    problem's candidates against each other, which a pointwise loss does not train."""
+    by_key: dict[tuple[str, int], tuple[list[int], list[int]]] = {}
+    for i, (key, y) in enumerate(zip(keys, labels, strict=True)):
+        by_key.setdefault(key, ([], []))[y].append(i)
+    terms = [
+        torch.nn.functional.softplus(margins[wrong][None, :] - margins[right][:, None]).mean()
+        for wrong, right in by_key.values()
+        if wrong and right
+    ]
+    return torch.stack(terms).mean() if terms else margins.sum() * 0.0
 
 
 def save(
@@ -463,16 +624,22 @@ def train(cfg: PRMTrainConfig, log: bool = True) -> dict:
         return warm * max(0.0, 1.0 - step / total)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    order = batches(len(encoded), cfg.batch_size, cfg.seed)
+    order = batches([e.problem for e in examples], cfg.batch_size, cfg.seed)
     if log:
         print(f"params {n_params:,}  vocab {len(tokenizer)}  config {asdict(cfg)}", flush=True)
     model.train()
     start, step, ema = time.perf_counter(), 0, math.nan
     probe = 10
     while total is None or step < total:
-        ids, mask, labels = make_batch([encoded[i] for i in next(order)], tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits  # [B, S, 2]
-        loss = loss_fn(logits.float().view(-1, 2), labels.view(-1))
+        chosen = next(order)
+        ids, mask, labels = make_batch([encoded[i] for i in chosen], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [B, S, 2]
+        loss = loss_fn(logits.view(-1, 2), labels.view(-1))
+        if cfg.rank_weight:
+            at = labels != -100  # the separators, row by row, in step order
+            margins = (logits[..., 1] - logits[..., 0])[at]
+            keys = [(examples[i].problem, k) for i in chosen for k in range(len(encoded[i][1]))]
+            loss = loss + cfg.rank_weight * ranking_loss(margins, keys, labels[at].tolist())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -533,6 +700,7 @@ def parse_args(argv: list[str] | None = None) -> PRMTrainConfig:
     p.add_argument("--gen-batch", type=int, default=d.gen_batch)
     p.add_argument("--data", type=Path, default=None, help="JSONL cache of the generated data")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--rank-weight", type=float, default=d.rank_weight)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)

@@ -42,13 +42,22 @@ CONTROL = "control"
 class ModelHost:
     """Serves `extend` and/or `score` for the searches routed to it."""
 
-    def __init__(self, config: ModelConfig, roles: Sequence[Role], threads: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        roles: Sequence[Role],
+        threads: int | None = None,
+        spec: str = "",
+    ):
+        """`spec`: a fingerprint of how the creator built this host, reported by `info()` (a
+        shared fleet's keeper replaces hosts built from another config)."""
         unknown = set(roles) - {"policy", "reward"}
         if unknown or not roles:
             raise ValueError(f"roles must be a non-empty subset of policy, reward; got {roles}")
         if threads is not None:
             torch.set_num_threads(threads)
         self.roles = tuple(roles)
+        self.spec = spec
         self.policy = build_policy(config) if "policy" in roles else None
         self.reward = build_reward(config) if "reward" in roles else None
         self._one_at_a_time = threading.Lock()
@@ -87,4 +96,5 @@ class ModelHost:
             "node_id": node,
             "gpu_ids": list(map(str, gpus)),
             "placement_group_id": ray.get_runtime_context().get_placement_group_id(),
+            "spec": self.spec,
         }

@@ -412,6 +412,18 @@ class StateStore(ABC):
 
         Raises `LeaseLost` when another owner has claimed the job or it has finished."""
 
+    # -- named leases ---------------------------------------------------------------------------
+
+    @abstractmethod
+    async def hold_lease(self, name: str, owner: str, lease_s: float) -> bool:
+        """Take the lease `name` (e.g. "fleet:demo:owner": one gateway at a time reconciles a
+        model fleet) or renew it if `owner` holds it, for `lease_s`; False while another owner
+        holds it. One holder at a time, as long as holders renew within `lease_s`."""
+
+    @abstractmethod
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up now if `owner` holds it (another owner may take it at once)."""
+
     # -- progress events ------------------------------------------------------------------------
 
     @abstractmethod
@@ -515,6 +527,12 @@ def validate_lease(owner: str, lease_s: float) -> None:
         raise ValueError("owner must be a non-empty orchestrator id")
     if not lease_s > 0:
         raise ValueError("lease_s must be > 0")
+
+
+def check_lease_name(name: str) -> str:
+    if not name or any(c in name for c in "{} "):
+        raise ValueError(f"lease name must be non-empty, without braces or spaces: {name!r}")
+    return name
 
 
 def validate_batch(

@@ -35,6 +35,7 @@ from lodestar.orchestrator.state_store.base import (
     StoreConfig,
     StreamClosed,
     batch_counts,
+    check_lease_name,
     check_search_id,
     check_single_job,
     check_transition,
@@ -80,6 +81,7 @@ class MemoryStateStore(StateStore):
         self._batches: dict[str, _Batch] = {}
         self._expires: dict[tuple[_Kind, str], float] = {}  # -> time.monotonic() deadline
         self._expiry_heap: list[tuple[float, _Kind, str]] = []
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, expiry)
 
     async def ping(self) -> None:
         return None
@@ -190,6 +192,23 @@ class MemoryStateStore(StateStore):
         expires = self._clock() + lease_s
         self._jobs[search_id] = dataclasses.replace(job, lease_expires_at=expires)
         return expires
+
+    # -- named leases ---------------------------------------------------------------------------
+
+    async def hold_lease(self, name: str, owner: str, lease_s: float) -> bool:
+        check_lease_name(name)
+        validate_lease(owner, lease_s)
+        now = self._clock()
+        holder, expires = self._leases.get(name, ("", 0.0))
+        if holder not in ("", owner) and expires > now:
+            return False
+        self._leases[name] = (owner, now + lease_s)
+        return True
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        check_lease_name(name)
+        if self._leases.get(name, ("", 0.0))[0] == owner:
+            del self._leases[name]
 
     # -- progress events ------------------------------------------------------------------------
 

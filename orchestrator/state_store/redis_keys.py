@@ -7,6 +7,9 @@ in one Redis Cluster slot and a Lua script may touch them all.
     lodestar:{<id>}:cancel      STRING  "1" once cancellation is requested
     lodestar:jobs:unfinished    ZSET    search id -> lease expiry (creation time if never
                                         claimed): claimable when the score is in the past
+    lodestar:<lease name>       STRING  a named lease's holder, expiring with the lease: e.g.
+                                        lodestar:fleet:<name>:owner, the gateway that keeps
+                                        a model fleet (`hold_lease`)
     lodestar:wake:<store>:<n>   STREAM  wakes shared stream reader n of one store object
                                         (`redis_stream_reader`); MAXLEN 1, expires 60 s after
                                         its last wake
@@ -70,6 +73,10 @@ class BatchKeys:
 
 def unfinished_index(prefix: str) -> str:
     return f"{prefix}:jobs:unfinished"
+
+
+def lease_key(prefix: str, name: str) -> str:
+    return f"{prefix}:{name}"
 
 
 def wake_key(prefix: str, store: str, shard: int) -> str:

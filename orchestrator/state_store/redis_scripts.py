@@ -162,6 +162,21 @@ return 1
 """
 )
 
+HOLD_LEASE = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+"""A named lease (KEYS[1]): take it if free or renew it if ARGV[1] holds it, for ARGV[2] ms
+(the key's own expiry is the lease, on the server's clock). Returns 1 if held, else 0."""
+
+RELEASE_LEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+"""Drop the named lease KEYS[1] if ARGV[1] holds it."""
+
 CREATE_BATCH = (
     _PRELUDE
     + """

@@ -60,6 +60,7 @@ from lodestar.orchestrator.state_store.base import (
     StoreConfig,
     StreamClosed,
     batch_counts,
+    check_lease_name,
     check_search_id,
     check_single_job,
     validate_batch,
@@ -70,6 +71,7 @@ from lodestar.orchestrator.state_store.base import (
 from lodestar.orchestrator.state_store.redis_keys import (
     BatchKeys,
     SearchKeys,
+    lease_key,
     open_batches,
     unfinished_index,
 )
@@ -161,6 +163,8 @@ class RedisStateStore(StateStore):
         self._cancel = register(redis_scripts.REQUEST_CANCEL)
         self._create_batch = register(redis_scripts.CREATE_BATCH)
         self._finish_item = register(redis_scripts.FINISH_BATCH_ITEM)
+        self._hold = register(redis_scripts.HOLD_LEASE)
+        self._release = register(redis_scripts.RELEASE_LEASE)
 
     def _pool(self, size: int, block_s: float = 0.0) -> BlockingConnectionPool:
         c = self.config
@@ -387,6 +391,19 @@ class RedisStateStore(StateStore):
         if verdict == "finished":
             raise LeaseLost(f"job {search_id!r} is {_text(reply[1])}")
         raise LeaseLost(f"job {search_id!r} is owned by {_text(reply[1]) or None!r}")
+
+    # -- named leases ---------------------------------------------------------------------------
+
+    async def hold_lease(self, name: str, owner: str, lease_s: float) -> bool:
+        validate_lease(owner, lease_s)
+        key = lease_key(self.config.key_prefix, check_lease_name(name))
+        async with self._guard("hold_lease"):
+            return bool(await self._hold(keys=[key], args=[owner, max(1, round(lease_s * 1000))]))
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        key = lease_key(self.config.key_prefix, check_lease_name(name))
+        async with self._guard("release_lease"):
+            await self._release(keys=[key], args=[owner])
 
     # -- progress events ------------------------------------------------------------------------
 

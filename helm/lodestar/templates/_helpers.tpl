@@ -22,6 +22,18 @@ KubeRay's generated pod and service names stay within 63 characters. */}}
 {{- printf "%s-ray" (include "lodestar.fullname" . | trunc 40 | trimSuffix "-") -}}
 {{- end -}}
 
+{{/* The head's GCS, where every Ray node (worker pods, gateway pods) joins the cluster. */}}
+{{- define "lodestar.rayHeadAddress" -}}
+{{- printf "%s-head-svc:6379" (include "lodestar.rayClusterName" .) -}}
+{{- end -}}
+
+{{/* The release's one model fleet: named detached actors in Ray namespace "lodestar-<name>",
+created by the gateway holding the Redis lease "fleet:<name>:owner" and found by name by the
+others. */}}
+{{- define "lodestar.fleetName" -}}
+{{- include "lodestar.fullname" . -}}
+{{- end -}}
+
 {{- define "lodestar.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "lodestar.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -95,8 +107,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 {{- end -}}
 
-{{/* The gateway is a Ray client, not a Ray pod: KubeRay does not inject the token there. */}}
-{{- define "lodestar.rayClientAuthEnv" -}}
+{{/* The gateway pod is a Ray node that KubeRay does not manage, so it gets by hand what KubeRay
+injects into its worker pods: the Ray token, and with GCS fault tolerance a raylet that waits 600 s
+(not 60) for a restarted head instead of exiting. */}}
+{{- define "lodestar.gatewayRayEnv" -}}
 {{- if .Values.ray.auth.enabled }}
 - name: RAY_AUTH_MODE
   value: token
@@ -106,6 +120,97 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
       name: {{ include "lodestar.rayAuthSecret" . }}
       key: auth_token
 {{- end }}
+{{- if .Values.ray.gcsFaultTolerance.enabled }}
+- name: RAY_gcs_rpc_server_reconnect_timeout_s
+  value: "600"
+{{- end }}
+{{- end -}}
+
+{{/* A list of words as one POSIX shell line, each single-quoted when it needs it. */}}
+{{- define "lodestar.shellWords" -}}
+{{- $quoted := list -}}
+{{- range . -}}
+{{- if regexMatch "^[A-Za-z0-9_./=:,+@%-]+$" . -}}
+{{- $quoted = append $quoted . -}}
+{{- else -}}
+{{- $quoted = append $quoted (printf "'%s'" (replace "'" "'\"'\"'" .)) -}}
+{{- end -}}
+{{- end -}}
+{{- join " " $quoted -}}
+{{- end -}}
+
+{{/* rayStartParams as `ray start` flags (a JSON list), written as KubeRay writes them: sorted,
+"true" a bare flag, "false" left out (but for the flags that take a boolean), else --key=value. */}}
+{{- define "lodestar.rayStartFlags" -}}
+{{- $params := . -}}
+{{- $flags := list -}}
+{{- $valued := list "log-color" "include-dashboard" "include-log-monitor" -}}
+{{- range $key := keys $params | sortAlpha -}}
+{{- $value := toString (get $params $key) -}}
+{{- if or (has $key $valued) (not (has (lower $value) (list "true" "false"))) -}}
+{{- $flags = append $flags (printf "--%s=%s" $key $value) -}}
+{{- else if eq (lower $value) "true" -}}
+{{- $flags = append $flags (printf "--%s" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $flags -}}
+{{- end -}}
+
+{{/* GPUs one pod of a Ray group gives Ray, counted as KubeRay counts them: its num-gpus start
+parameter, else its limits on a resource whose name ends in "gpu" (nvidia.com/gpu). */}}
+{{- define "lodestar.podGpus" -}}
+{{- $params := default (dict) .rayStartParams -}}
+{{- if hasKey $params "num-gpus" -}}
+{{- index $params "num-gpus" | float64 -}}
+{{- else -}}
+{{- $total := 0.0 -}}
+{{- range $name, $count := (default (dict) (default (dict) .resources).limits) -}}
+{{- if hasSuffix "gpu" $name -}}
+{{- $total = addf $total $count -}}
+{{- end -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+{{- end -}}
+
+{{/* GPUs the fleet asks Ray for: numGpus for each reward actor, numGpus x tensorParallelSize for
+each policy actor. Shared GPUs (numGpus 0.5) make this a lower bound. gateway.replicas is not in
+it: every gateway uses the same fleet. */}}
+{{- define "lodestar.fleetGpus" -}}
+{{- $a := .Values.actors -}}
+{{- mulf $a.numGpus (addf (mulf $a.policyWorkers $a.tensorParallelSize) $a.rewardWorkers) | ceil | int -}}
+{{- end -}}
+
+{{/* The most GPUs the RayCluster can hold: per group, its GPUs per pod x maxReplicas (replicas
+without the autoscaler), plus the head's. */}}
+{{- define "lodestar.clusterGpus" -}}
+{{- $auto := .Values.head.enableInTreeAutoscaling -}}
+{{- $groups := list -}}
+{{- if not .Values.worker.disabled -}}
+{{- $groups = append $groups .Values.worker -}}
+{{- end -}}
+{{- range $name, $group := .Values.additionalWorkerGroups -}}
+{{- if not $group.disabled -}}
+{{- $groups = append $groups $group -}}
+{{- end -}}
+{{- end -}}
+{{- $total := include "lodestar.podGpus" .Values.head | float64 -}}
+{{- range $groups -}}
+{{- $pods := ternary .maxReplicas .replicas $auto -}}
+{{- $total = addf $total (mulf $pods (include "lodestar.podGpus" . | float64)) -}}
+{{- end -}}
+{{- $total | floor | int -}}
+{{- end -}}
+
+{{/* Fail `helm install` / `helm template` (lint only logs a fail) when the worker groups can never
+hold the fleet: the gateways would wait forever for actors the autoscaler cannot place. */}}
+{{- define "lodestar.checkFleetFits" -}}
+{{- $need := include "lodestar.fleetGpus" . | int -}}
+{{- $have := include "lodestar.clusterGpus" . | int -}}
+{{- if gt $need $have -}}
+{{- $a := .Values.actors -}}
+{{- fail (printf "the model fleet needs %d GPUs (actors.numGpus %v x (policyWorkers %v x tensorParallelSize %v + rewardWorkers %v)) but the Ray worker groups hold at most %d (GPUs per pod x maxReplicas): raise a GPU group's maxReplicas or shrink the fleet" $need $a.numGpus $a.policyWorkers $a.tensorParallelSize $a.rewardWorkers $have) -}}
+{{- end -}}
 {{- end -}}
 
 {{- define "lodestar.modelVolume" -}}
