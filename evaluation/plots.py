@@ -78,7 +78,7 @@ def plot_all(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Path
             rows, cols, figsize=(6.5 * cols, 4.2 * rows), dpi=100, squeeze=False
         )
         for ax, (panel, labels) in zip(axes.flat, layout, strict=False):
-            _draw(ax, [c for label in labels for c in by_label[label]], attr, style)
+            _draw(ax, {label: by_label[label] for label in labels}, attr, style)
             ax.set_title(panel, fontsize=9)
             ax.set_xlabel(xlabel)
         for ax in list(axes.flat)[len(layout) :]:
@@ -93,10 +93,10 @@ def plot_all(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Path
     return paths
 
 
-def _draw(ax: Any, cells: Sequence[Cell], attr: str, style: dict[str, dict[str, Any]]) -> None:
-    by_label: dict[str, list[Cell]] = defaultdict(list)
-    for cell in cells:
-        by_label[cell.label].append(cell)
+def _draw(
+    ax: Any, by_label: dict[str, list[Cell]], attr: str, style: dict[str, dict[str, Any]]
+) -> None:
+    """One panel: a line per label (greedy, measured at one budget, as a reference line)."""
     for label, group in by_label.items():
         group = sorted(group, key=lambda c: getattr(c, attr))
         xs = [max(getattr(c, attr), 1e-9) for c in group]
@@ -119,7 +119,7 @@ def _draw(ax: Any, cells: Sequence[Cell], attr: str, style: dict[str, dict[str, 
             label=label,
             **style[label],
         )
-    positive = [getattr(c, attr) for c in cells if getattr(c, attr) > 0]
+    positive = [v for group in by_label.values() for c in group if (v := getattr(c, attr)) > 0]
     if positive and max(positive) / min(positive) > 4:
         ax.set_xscale("log", base=2 if attr == "budget" else 10)
     ax.set_ylabel("accuracy (95% bootstrap CI)")

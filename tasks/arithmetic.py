@@ -265,7 +265,7 @@ def read_problem(text: str, *, bounded: bool = True) -> Problem:
         tree = parse_expression(expression)
     except ArithmeticProblemError:
         raise OutsideDomain(text, _why_not(expression)) from None
-    if bounded and max(_operands(tree)) > MAX_OPERAND:
+    if bounded and max(operands(tree)) > MAX_OPERAND:
         raise OutsideDomain(text, f"an operand over {MAX_OPERAND}")
     if bounded and not _within(tree, -MAX_VALUE, MAX_VALUE):
         raise OutsideDomain(text, f"a value beyond +-{MAX_VALUE}")
@@ -305,10 +305,11 @@ def _balanced(expression: str) -> bool:
     return depth == 0
 
 
-def _operands(tree: Tree) -> list[int]:
+def operands(tree: Tree) -> list[int]:
+    """The leaves of `tree`, left to right."""
     if isinstance(tree, int):
         return [tree]
-    return [*_operands(tree[1]), *_operands(tree[2])]
+    return [*operands(tree[1]), *operands(tree[2])]
 
 
 def _as_problem(problem: Problem | str) -> Problem:
@@ -481,7 +482,7 @@ def _advance(states: set[Tree], step: str) -> tuple[set[Tree], bool, bool]:
     wanted = {(op, a, b), (op, b, a)} if op in ("+", "*") else {(op, a, b)}
     after = {new for s in states for r, new in reductions(s) if r in wanted}
     if m.group(5) is not None:
-        rest = _parse_rest(m.group(5))
+        rest = parse_rest(m.group(5))
         after = {t for t in after if t == rest}
     if not after:
         return states, False, False
@@ -491,7 +492,7 @@ def _advance(states: set[Tree], step: str) -> tuple[set[Tree], bool, bool]:
     return after, True, after == {c} and int(m.group(6)) == c
 
 
-def _parse_rest(text: str) -> Tree | None:
+def parse_rest(text: str) -> Tree | None:
     """The tree of a restated expression (a bare number when all is computed), None if invalid."""
     if re.fullmatch(r"\s*-?\d+\s*", text):
         return int(text)

@@ -53,7 +53,6 @@ from lodestar.orchestrator.algorithms.answers import has_final_answer
 from lodestar.tasks.arithmetic import (
     OPS,
     STEP_DELIMITER,
-    ArithmeticProblemError,
     Difficulty,
     Problem,
     Split,
@@ -62,7 +61,8 @@ from lodestar.tasks.arithmetic import (
     evaluate_steps,
     format_expression,
     generate_problems,
-    parse_expression,
+    operands,
+    parse_rest,
     reductions,
     solution_steps,
 )
@@ -271,8 +271,8 @@ def _step_text(a: int, op: str, b: int, c: int, after: Tree) -> str:
     return f"{head}, so {format_expression(after)}{STEP_DELIMITER}"
 
 
-def _replace_value(tree: Tree, old: Tree, new: int) -> Tree:
-    """`tree` with its first subtree equal to `old` (leftmost) replaced by `new`."""
+def _replace_first(tree: Tree, old: Tree, new: Tree) -> Tree:
+    """`tree` with its first subtree equal to `old` (leftmost, outermost) replaced by `new`."""
     done = False
 
     def walk(t: Tree) -> Tree:
@@ -309,16 +309,7 @@ def _drop_leaf(tree: Tree, rng: random.Random) -> Tree | None:
     if not spots:
         return None
     node, keep = rng.choice(spots)
-    return keep if tree == node else _replace_subtree(tree, node, keep)
-
-
-def _replace_subtree(tree: Tree, old: Tree, new: Tree) -> Tree:
-    if tree == old:
-        return new
-    if isinstance(tree, int):
-        return tree
-    op, left, right = tree
-    return (op, _replace_subtree(left, old, new), _replace_subtree(right, old, new))
+    return _replace_first(tree, node, keep)
 
 
 def _illegal_order(tree: Tree, rng: random.Random) -> tuple[str, int, int, Tree] | None:
@@ -337,10 +328,7 @@ def _illegal_order(tree: Tree, rng: random.Random) -> tuple[str, int, int, Tree]
     a, b = int(a_text), int(b_text)
     c = apply_op(op, a, b)
     rest = text[:start] + str(c) + text[end:]
-    try:
-        after: Tree | None = parse_expression(rest, signed=True)
-    except ArithmeticProblemError:
-        after = int(rest) if re.fullmatch(r"-?\d+", rest) else None
+    after = parse_rest(rest)
     return None if after is None else (op, a, b, after)
 
 
@@ -351,8 +339,7 @@ def perturb(problem: Problem, rng: random.Random) -> tuple[str, ...] | None:
     legal_rng = rng if rng.random() < 0.5 else None
     tree: Tree = problem.tree
     steps: list[str] = []
-    n_ops = len(solution_steps(problem))
-    for _ in range(rng.randrange(n_ops)):
+    for _ in range(rng.randrange(len(operands(tree)) - 1)):
         options = reductions(tree)
         (op, a, b), tree = options[0] if legal_rng is None else legal_rng.choice(options)
         steps.append(_step_text(a, op, b, apply_op(op, a, b), tree))
@@ -375,12 +362,12 @@ def near_miss(
     node = (op, a, b)
     if kind == "off":
         wrong = c + rng.choice((-1, 1)) * rng.choice((1, 1, 2, 3, 10, rng.randint(1, 30)))
-        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
+        step = _step_text(a, op, b, wrong, _replace_first(tree, node, wrong))
     elif kind in ("operand", "copied"):
         if kind == "operand":
             new = (a if rng.random() < 0.5 else b) + rng.choice((-2, -1, 1, 2, 10, -10))
         else:
-            others = [v for v in _leaves(tree) if v not in (a, b)]
+            others = [v for v in operands(tree) if v not in (a, b)]
             if not others:
                 return None
             new = rng.choice(others)
@@ -388,7 +375,7 @@ def near_miss(
         if (a2, b2) == (a, b):
             return None
         wrong = apply_op(op, a2, b2)
-        step = _step_text(a2, op, b2, wrong, _replace_value(tree, node, wrong))
+        step = _step_text(a2, op, b2, wrong, _replace_first(tree, node, wrong))
     elif kind == "order":
         found = _illegal_order(tree, rng)
         if found is None:
@@ -404,7 +391,7 @@ def near_miss(
         step = _step_text(a, op, b, c, shorter)
     elif kind == "op":
         wrong = rng.choice([apply_op(o, a, b) for o in OPS if o != op])
-        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
+        step = _step_text(a, op, b, wrong, _replace_first(tree, node, wrong))
     elif kind == "swap":
         digits = list(str(abs(c)))
         if len(digits) < 2:
@@ -412,18 +399,12 @@ def near_miss(
         i = rng.randrange(len(digits) - 1)
         digits[i], digits[i + 1] = digits[i + 1], digits[i]
         wrong = int("".join(digits)) * (1 if c >= 0 else -1)
-        step = _step_text(a, op, b, wrong, _replace_value(tree, node, wrong))
+        step = _step_text(a, op, b, wrong, _replace_first(tree, node, wrong))
     else:  # "boxed": the last step, right value, wrong boxed answer
         if not isinstance(after, int):
             return None
         step = f"{a}{op}{b}={c} \\boxed{{{c + rng.choice((-1, 1)) * rng.randint(1, 10)}}}"
     return step
-
-
-def _leaves(tree: Tree) -> list[int]:
-    if isinstance(tree, int):
-        return [tree]
-    return [*_leaves(tree[1]), *_leaves(tree[2])]
 
 
 def build_examples(cfg: PRMTrainConfig, worker: PolicyWorker, log: bool = True) -> list[Example]:
